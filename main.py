@@ -1,0 +1,270 @@
+"""Distil an image from Stable Diffusion (or the toy world) with SDS, PDS or VSD: the course's main.py.
+
+    python main.py --prompt "A castle next to a river" --loss_type sds --guidance_scale 25 --step 500
+    python main.py --prompt P --edit_prompt E --src_img_path S --loss_type pds
+    python main.py --prompt P --loss_type vsd --num_particles 4
+    python main.py --model toy --prompt "a red circle" --loss_type sds      # offline, seconds on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils import (PRECISIONS, UserError, check_writable_dir, get_cosine_schedule_with_warmup, load_image,
+                   atomic_write_bytes, pil_to_torch, prompt_to_filename, resolve_device, resolve_precision, run_cli,
+                   save_image_atomic, save_json_atomic, seed_everything, torch_to_pil)
+
+LOSS_TYPES = ("sds", "pds", "vsd")
+# The course's settings per loss: (guidance scale, optimisation steps).
+LOSS_DEFAULTS = {"sds": (25.0, 500), "pds": (7.5, 200), "vsd": (7.5, 500)}
+LOSS_SCALE = 2000.0  # the course multiplies every loss by 2000 before backward
+WARMUP_STEPS = 100
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return main.py's argument parser (the course skeleton's flags plus ours)."""
+    from guidance.sd import DEFAULT_MODEL, VSD_LORA_TIMESTEPS
+    from guidance.schedule import WEIGHTINGS
+
+    p = argparse.ArgumentParser(description="Score distillation (SDS / PDS / VSD) on Stable Diffusion or the toy world.")
+    p.add_argument("--prompt", type=str, required=True, help="generation prompt (PDS: the source image's prompt)")
+    p.add_argument("--negative_prompt", type=str, default="low quality", help="prompt for the unconditional CFG branch")
+    p.add_argument("--edit_prompt", type=str, default=None, help="PDS target prompt")
+    p.add_argument("--src_img_path", type=str, default=None, help="PDS source image")
+    p.add_argument("--save_dir", type=str, default="./outputs")
+    p.add_argument("--loss_type", type=str, default="sds", choices=LOSS_TYPES)
+    p.add_argument("--guidance_scale", type=float, default=None, help="default: sds 25, pds 7.5, vsd 7.5")
+    p.add_argument("--step", type=int, default=None, help="optimisation steps; default: sds 500, pds 200, vsd 500")
+    p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N, an integer GPU index, or mps (default: best available)")
+    p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the latents")
+    p.add_argument("--log_step", type=int, default=25, help="save a progress image every N steps (0: never)")
+    p.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS))
+    p.add_argument("--model", type=str, default=DEFAULT_MODEL, help="hub id, local diffusers folder, or 'toy'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weighting", type=str, default="uniform", choices=WEIGHTINGS, help="w(t) of SDS/VSD")
+    p.add_argument("--num_particles", type=int, default=1, help="VSD particles (images optimised together)")
+    p.add_argument("--lora_lr", type=float, default=1e-4, help="VSD: AdamW learning rate of the LoRA")
+    p.add_argument("--vsd_lora_timestep", type=str, default="fresh", choices=VSD_LORA_TIMESTEPS,
+                   help="VSD: train the LoRA at a fresh t (default) or on the same x_t as the gradient (faster)")
+    p.add_argument("--channels_last", action="store_true", help="UNet in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Return main.py's parsed and validated arguments (fails fast, before any model is loaded)."""
+    return validate_args(build_parser().parse_args(argv))
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Return args with per-loss defaults filled in, after checking everything that can be checked without a model."""
+    if not args.prompt or not args.prompt.strip():
+        raise UserError("--prompt is empty: give the text to distil, e.g. --prompt \"A castle next to a river\"")
+    default_scale, default_steps = LOSS_DEFAULTS[args.loss_type]
+    args.guidance_scale = default_scale if args.guidance_scale is None else args.guidance_scale
+    args.step = default_steps if args.step is None else args.step
+    if args.step < 1:
+        raise UserError(f"--step {args.step} must be at least 1")
+    if args.log_step < 0:
+        raise UserError(f"--log_step {args.log_step} must be >= 0 (0 turns progress images off)")
+    if args.num_particles < 1:
+        raise UserError(f"--num_particles {args.num_particles} must be at least 1")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr} must be positive, e.g. 0.1")
+    if args.loss_type == "pds":
+        if not args.edit_prompt or not args.edit_prompt.strip():
+            raise UserError("PDS edits an image: give the target text with --edit_prompt "
+                            "(and the source with --src_img_path)")
+        if not args.src_img_path:
+            raise UserError("PDS edits an image: give the source image with --src_img_path")
+        if args.num_particles != 1:
+            raise UserError(f"--num_particles {args.num_particles}: PDS edits one image; particles are for sds/vsd")
+        load_image(args.src_img_path)  # a missing or unreadable image fails here, not after loading the model
+    resolve_device(args.device)
+    check_writable_dir(args.save_dir)
+    return args
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """Return the course's file stem of a run: the prompt (the edit prompt for PDS) with spaces as underscores."""
+    return prompt_to_filename(args.edit_prompt if args.loss_type == "pds" else args.prompt)
+
+
+def build_model(args: argparse.Namespace):
+    """Return the guidance model that args name (loaded once; run() can reuse it for many prompts)."""
+    from guidance import load_model
+
+    return load_model(args.model, device=args.device, precision=resolve_precision(args.precision),
+                      weighting=args.weighting, lora_lr=args.lora_lr, vsd_lora_timestep=args.vsd_lora_timestep,
+                      channels_last=args.channels_last, compile=args.compile)
+
+
+@dataclass
+class RunResult:
+    """What one distillation run produced."""
+
+    status: str  # finished | diverged | interrupted
+    image_path: Path | None
+    run_dir: Path
+    steps_done: int
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _ImageWriter:
+    """Writes PNGs on a background thread so the optimisation loop never waits for PNG encoding."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = []
+
+    def save(self, images: torch.Tensor, path: Path, compress_level: int = 6) -> None:
+        img = torch_to_pil(images.cpu())
+
+        def write():
+            buffer = io.BytesIO()
+            img.save(buffer, format="PNG", compress_level=compress_level)
+            atomic_write_bytes(path, buffer.getvalue())
+
+        self.pending.append(self.pool.submit(write))
+
+    def close(self) -> None:
+        for job in self.pending:
+            job.result()
+        self.pool.shutdown()
+
+
+def initial_latents(model, args: argparse.Namespace, run_dir: Path):
+    """Return (latents to optimise, source latents or None): N(0, I) at the model's size, or the encoded source (PDS)."""
+    if args.loss_type != "pds":
+        shape = model.latent_shape(args.num_particles)
+        return torch.randn(shape, dtype=torch.float32).to(model.device), None
+    source = load_image(args.src_img_path)
+    height, width = model.source_size(source.height, source.width)
+    if (height, width) != (source.height, source.width):
+        source = source.resize((width, height), resample=3)  # bicubic
+    save_image_atomic(source, run_dir / "source.png")
+    src_latents = model.encode_imgs(pil_to_torch(source).to(model.device))
+    return src_latents.clone(), src_latents
+
+
+def run(model, args: argparse.Namespace, progress: bool = True) -> RunResult:
+    """Return the result of optimising one image with args.loss_type against a loaded model, writing its files.
+
+    Files: <save_dir>/<name>.png (the result, written last of the images), and in <save_dir>/<name>/:
+    run_config.json (every setting; 'status' becomes 'finished' only after the PNG is written),
+    progress/step_NNNNN.png every --log_step steps, loss.csv, source.png (PDS), particles/ (several particles).
+    """
+    save_dir = check_writable_dir(args.save_dir)
+    name = output_name(args)
+    run_dir = save_dir / name
+    final_path = save_dir / f"{name}.png"
+    config = {k: v for k, v in vars(args).items()}
+    config.update(name=name, final_image=str(final_path), status="running", device=str(model.device),
+                  started=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__, command=sys.argv)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json_atomic(config, run_dir / "run_config.json")
+
+    seed_everything(args.seed)
+    uncond = model.get_text_embeds(args.negative_prompt)
+    text_embeddings = torch.cat([uncond, model.get_text_embeds(args.prompt)])
+    latents, src_latents = initial_latents(model, args, run_dir)
+    latents.requires_grad_(True)
+    if args.loss_type == "pds":
+        edit_embeddings = torch.cat([uncond, model.get_text_embeds(args.edit_prompt)])
+
+    def loss_fn() -> torch.Tensor:
+        if args.loss_type == "sds":
+            return model.get_sds_loss(latents, text_embeddings, guidance_scale=args.guidance_scale)
+        if args.loss_type == "pds":
+            return model.get_pds_loss(src_latents, latents, text_embeddings, edit_embeddings,
+                                      guidance_scale=args.guidance_scale)
+        return model.get_vsd_loss(latents, text_embeddings, guidance_scale=args.guidance_scale)
+
+    optimizer = torch.optim.AdamW([latents], lr=args.lr, weight_decay=0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, int(args.step * 1.5))
+    writer = _ImageWriter()
+    losses, status, step, started = [], "finished", 0, time.perf_counter()
+    bar = tqdm(range(args.step), desc=f"{args.loss_type} {name[:32]}", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                status = "diverged"
+                break
+            (LOSS_SCALE * loss).backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss_value)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+            if args.log_step and step % args.log_step == 0:
+                writer.save(model.decode_latents(latents.detach()), run_dir / "progress" / f"step_{step:05d}.png",
+                            compress_level=1)
+        else:
+            step = args.step
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        bar.close()
+    if status == "finished" and not torch.isfinite(latents).all():
+        status = "diverged"
+
+    images = model.decode_latents(latents.detach())
+    if status == "finished":
+        image_path = final_path
+    else:
+        image_path = run_dir / ("last_finite.png" if status == "diverged" else "interrupted.png")
+    writer.save(images, image_path)
+    if images.shape[0] > 1:
+        for i in range(images.shape[0]):
+            writer.save(images[i:i + 1], run_dir / "particles" / f"particle_{i}.png")
+    writer.close()
+    _write_losses(run_dir / "loss.csv", losses)
+    seconds = time.perf_counter() - started
+    config.update(status=status, steps_done=step, seconds=round(seconds, 3),
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"), image=str(image_path))
+    save_json_atomic(config, run_dir / "run_config.json")
+    return RunResult(status, image_path, run_dir, step, losses, seconds)
+
+
+def _write_losses(path: Path, losses: list) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["step", "loss"])
+    writer.writerows(enumerate(losses))
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def main(argv=None) -> int:
+    """Run main.py; return the exit code (0 finished, 1 diverged, 130 interrupted)."""
+    args = parse_args(argv)
+    print(f"[*] {args.loss_type.upper()} with {args.model}: guidance {args.guidance_scale}, {args.step} steps, "
+          f"seed {args.seed}")
+    model = build_model(args)
+    result = run(model, args)
+    if result.status == "finished":
+        print(f"Saved {result.image_path}")
+        return 0
+    if result.status == "diverged":
+        print(f"error: the loss became NaN/inf at step {result.steps_done}; stopped. The last finite image is "
+              f"{result.image_path}. Try a lower --lr or --guidance_scale, or --precision fp32.", file=sys.stderr)
+        return 1
+    print(f"Interrupted at step {result.steps_done}; the current image is {result.image_path}", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+    run_cli(main)

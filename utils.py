@@ -1,0 +1,179 @@
+"""Small shared helpers: user errors, devices, precisions, image I/O, file names and the LR schedule."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.optim.lr_scheduler import LambdaLR
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one message, exit code 2, no traceback."""
+
+
+def run_cli(main_fn) -> None:
+    """Run main_fn(); a UserError becomes 'error: ...' on stderr and exit code 2."""
+    try:
+        code = main_fn()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+def resolve_device(device: str | int | None) -> torch.device:
+    """Return the torch.device for 'cpu', 'cuda', 'cuda:N', 'mps', an integer GPU index, or None (best available)."""
+    if device is None or device == "":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    text = str(device).strip().lower()
+    if text.isdigit():
+        text = f"cuda:{text}"
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, an integer GPU index, or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} asked for CUDA, but no CUDA GPU is visible: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible "
+                            f"(indices 0..{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError(f"device {device!r}: MPS is not available on this machine: use --device cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, an integer GPU index, or mps")
+    return dev
+
+
+def resolve_precision(precision: str | torch.dtype) -> torch.dtype:
+    """Return the torch dtype for 'fp32' | 'fp16' | 'bf16' (a torch dtype passes through)."""
+    if isinstance(precision, torch.dtype):
+        if precision not in PRECISIONS.values():
+            raise UserError(f"unsupported precision {precision}: use torch.float32, torch.float16 or torch.bfloat16")
+        return precision
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def prompt_to_filename(prompt: str) -> str:
+    """Return the course's file stem for a prompt: spaces become underscores ("a cat" -> "a_cat")."""
+    return prompt.strip().replace(" ", "_")
+
+
+def filename_to_prompt(stem: str) -> str:
+    """Return the prompt a course file stem stands for: underscores become spaces."""
+    return stem.replace("_", " ")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Return the image at path as RGB (grayscale, palette and RGBA are converted; alpha over white)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"image not found: {path}. Check the path, or run `python data/download.py` "
+                        f"for the course images")
+    if path.is_dir():
+        raise UserError(f"expected an image file but {path} is a folder")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(canvas, rgba).convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot read {path} as an image ({err.__class__.__name__}): "
+                        f"give a PNG or JPEG file") from None
+
+
+def pil_to_torch(pil_img: Image.Image) -> torch.Tensor:
+    """Return a [1, 3, H, W] float32 tensor in [0, 1] from an RGB PIL image."""
+    array = np.asarray(pil_img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def torch_to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Return the first image of a [B, 3, H, W] (or [3, H, W]) tensor in [0, 1] as a PIL image."""
+    if tensor.dim() == 4:
+        tensor = tensor[0]
+    array = tensor.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.round(array * 255.0).astype(np.uint8))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write data to path via a temporary file and rename, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_image_atomic(img: Image.Image, path: str | os.PathLike) -> None:
+    """Save a PIL image as PNG atomically (temp file + rename)."""
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_json_atomic(obj, path: str | os.PathLike) -> None:
+    """Write obj as indented JSON atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=4, default=str) + "\n").encode())
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Return path as a Path after creating it and proving a file can be written there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to save directory {path} ({err.strerror or err}): "
+                        f"choose another --save_dir") from None
+    return path
+
+
+def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int) -> LambdaLR:
+    """Return a LambdaLR: linear warm-up over num_warmup_steps, then half a cosine to 0 at num_training_steps."""
+
+    def lr_lambda(step: int) -> float:
+        if step < num_warmup_steps:
+            return step / max(1, num_warmup_steps)
+        progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return LambdaLR(optimizer, lr_lambda)
