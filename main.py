@@ -53,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weighting", type=str, default="uniform", choices=WEIGHTINGS, help="w(t) of SDS/VSD")
     p.add_argument("--num_particles", type=int, default=1, help="VSD particles (images optimised together)")
-    p.add_argument("--lora_lr", type=float, default=1e-4, help="VSD: AdamW learning rate of the LoRA")
+    p.add_argument("--lora_lr", type=float, default=None, help="VSD: AdamW learning rate of the LoRA (default: the model's, 1e-4 for SD)")
     p.add_argument("--vsd_lora_timestep", type=str, default="fresh", choices=VSD_LORA_TIMESTEPS,
                    help="VSD: train the LoRA at a fresh t (default) or on the same x_t as the gradient (faster)")
     p.add_argument("--channels_last", action="store_true", help="UNet in channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--gif", action="store_true", help="also write <save_dir>/<name>/progress.gif from the progress images")
     return p
 
 
@@ -104,9 +105,10 @@ def build_model(args: argparse.Namespace):
     """Return the guidance model that args name (loaded once; run() can reuse it for many prompts)."""
     from guidance import load_model
 
+    optional = {} if args.lora_lr is None else {"lora_lr": args.lora_lr}
     return load_model(args.model, device=args.device, precision=resolve_precision(args.precision),
-                      weighting=args.weighting, lora_lr=args.lora_lr, vsd_lora_timestep=args.vsd_lora_timestep,
-                      channels_last=args.channels_last, compile=args.compile)
+                      weighting=args.weighting, vsd_lora_timestep=args.vsd_lora_timestep,
+                      channels_last=args.channels_last, compile=args.compile, **optional)
 
 
 @dataclass
@@ -232,12 +234,29 @@ def run(model, args: argparse.Namespace, progress: bool = True) -> RunResult:
         for i in range(images.shape[0]):
             writer.save(images[i:i + 1], run_dir / "particles" / f"particle_{i}.png")
     writer.close()
+    if getattr(args, "gif", False):
+        write_progress_gif(run_dir)
     _write_losses(run_dir / "loss.csv", losses)
     seconds = time.perf_counter() - started
     config.update(status=status, steps_done=step, seconds=round(seconds, 3),
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S"), image=str(image_path))
     save_json_atomic(config, run_dir / "run_config.json")
     return RunResult(status, image_path, run_dir, step, losses, seconds)
+
+
+def write_progress_gif(run_dir: Path, seconds_per_frame: float = 0.2) -> Path | None:
+    """Return the path of <run_dir>/progress.gif, an animation of the run's progress images (None if there are none)."""
+    from PIL import Image
+
+    frames = sorted((run_dir / "progress").glob("step_*.png"))
+    if not frames:
+        return None
+    images = [Image.open(f).convert("RGB") for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
+                   duration=int(seconds_per_frame * 1000), loop=0)
+    atomic_write_bytes(run_dir / "progress.gif", buffer.getvalue())
+    return run_dir / "progress.gif"
 
 
 def _write_losses(path: Path, losses: list) -> None:
