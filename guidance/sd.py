@@ -244,6 +244,16 @@ class ScoreDistillation:
             for layer in layers:
                 layer.enable_adapters(True)
 
+    def reset_lora(self) -> None:
+        """Remove the VSD LoRA and its optimizer: the next VSD loss adds a fresh one, as in a new process."""
+        if self.lora_optimizer is None:
+            return
+        for layer in self._lora_layers():
+            layer.delete_adapter("vsd")
+        if getattr(self.unet, "peft_config", None) is not None:
+            del self.unet.peft_config  # else peft warns about a second adapter when the next one is added
+        self.lora_parameters, self.lora_optimizer, self.last_lora_loss = [], None, None
+
     def _lora_step(self, loss: torch.Tensor) -> None:
         self.lora_optimizer.zero_grad(set_to_none=True)
         loss.backward()
