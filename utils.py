@@ -61,9 +61,9 @@ def resolve_device(device: str | int | None) -> torch.device:
 
 
 def resolve_precision(precision: str | torch.dtype) -> torch.dtype:
-    """Return the torch dtype for 'fp32' | 'fp16' | 'bf16' (a torch dtype passes through)."""
+    """Return the torch dtype for 'fp32' | 'fp16' | 'bf16' (a torch dtype passes through; float64 for exact tests)."""
     if isinstance(precision, torch.dtype):
-        if precision not in PRECISIONS.values():
+        if precision not in (*PRECISIONS.values(), torch.float64):
             raise UserError(f"unsupported precision {precision}: use torch.float32, torch.float16 or torch.bfloat16")
         return precision
     if precision not in PRECISIONS:

