@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import (PRECISIONS, UserError, check_writable_dir, get_cosine_schedule_with_warmup, load_image,
+from utils import (PRECISIONS, CliParser, UserError, check_writable_dir, get_cosine_schedule_with_warmup, load_image,
                    atomic_write_bytes, pil_to_torch, prompt_to_filename, resolve_device, resolve_precision, run_cli,
                    save_image_atomic, save_json_atomic, seed_everything, torch_to_pil)
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from guidance.sd import DEFAULT_MODEL, VSD_LORA_TIMESTEPS
     from guidance.schedule import WEIGHTINGS
 
-    p = argparse.ArgumentParser(description="Score distillation (SDS / PDS / VSD) on Stable Diffusion or the toy world.")
+    p = CliParser(description="Score distillation (SDS / PDS / VSD) on Stable Diffusion or the toy world.")
     p.add_argument("--prompt", type=str, required=True, help="generation prompt (PDS: the source image's prompt)")
     p.add_argument("--negative_prompt", type=str, default="low quality", help="prompt for the unconditional CFG branch")
     p.add_argument("--edit_prompt", type=str, default=None, help="PDS target prompt")

@@ -1,6 +1,7 @@
 """Small shared helpers: user errors, devices, precisions, image I/O, file names and the LR schedule."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,6 +20,13 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 class UserError(Exception):
     """A mistake in what the user asked for: printed as one message, exit code 2, no traceback."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line ('error: ...; see --help') and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_cli(main_fn) -> None:
