@@ -10,6 +10,7 @@ that d loss / d x = grad / batch (threestudio's reparameterisation). Gradients a
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
 import warnings
@@ -292,11 +293,19 @@ def _weights_unavailable(model: str, err: Exception) -> UserError:
 
 
 class StableDiffusion(ScoreDistillation):
-    """Stable Diffusion (2.1-base by default) loaded from a hub id or a local diffusers folder."""
+    """Stable Diffusion (2.1-base by default) loaded from a hub id or a local diffusers folder.
+
+    `model` may also be main.py's parsed arguments (the course skeleton's call); `precision` takes a torch
+    dtype or 'fp32' | 'fp16' | 'bf16'.
+    """
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, precision=torch.float32, t_range=(0.02, 0.98),
                  weighting: str = "uniform", lora_rank: int = 4, lora_lr: float = 1e-4,
                  vsd_lora_timestep: str = "fresh", channels_last: bool = False, compile: bool = False):
+        if isinstance(model, argparse.Namespace):  # the course skeleton's StableDiffusion(args, t_range=...)
+            args = model
+            model, device, precision = getattr(args, "model", DEFAULT_MODEL), args.device, args.precision
+            weighting = getattr(args, "weighting", weighting)
         self._setup_distillation(t_range, weighting, lora_rank, lora_lr, vsd_lora_timestep)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision)

@@ -305,3 +305,11 @@ def test_source_size_short_side_and_multiples(tiny_sd):
     assert tiny_sd.source_size(333, 517) == (16, 24)
     h, w = tiny_sd.source_size(1000, 37)
     assert w == 16 and h % 4 == 0
+
+
+def test_constructible_from_the_course_skeletons_args(tiny_sd_dir):
+    import argparse
+
+    args = argparse.Namespace(model=str(tiny_sd_dir), device="cpu", precision="fp16")
+    sd = StableDiffusion(args, t_range=[0.02, 0.98])
+    assert sd.unet.dtype == torch.float16 and sd.device.type == "cpu" and (sd.min_step, sd.max_step) == (20, 980)
