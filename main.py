@@ -177,6 +177,8 @@ def run(model, args: argparse.Namespace, progress: bool = True) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json_atomic(config, run_dir / "run_config.json")
 
+    # A reused model starts every run pristine: no LoRA left over from an earlier VSD run.
+    model.reset_lora()
     seed_everything(args.seed)
     uncond = model.get_text_embeds(args.negative_prompt)
     text_embeddings = torch.cat([uncond, model.get_text_embeds(args.prompt)])

@@ -206,3 +206,17 @@ def test_pds_with_odd_sized_grayscale_source(tiny_sd, tmp_path):
 def test_user_error_text_names_value(tmp_path):
     with pytest.raises(UserError, match="nope.png"):
         load_image(tmp_path / "nope.png")
+
+
+def test_a_reused_model_starts_each_run_without_an_earlier_vsd_lora(tiny_sd_dir, tmp_path):
+    from guidance.sd import StableDiffusion
+
+    model = StableDiffusion(str(tiny_sd_dir), device="cpu")
+    common = ["--model", "unused", "--prompt", "a cat", "--step", "3", "--log_step", "0", "--seed", "1"]
+    sds = main.run(model, main.parse_args(common + ["--save_dir", str(tmp_path / "a")]), progress=False)
+    main.run(model, main.parse_args(common + ["--loss_type", "vsd", "--lora_lr", "0.1",
+                                              "--save_dir", str(tmp_path / "v")]), progress=False)
+    assert model.lora_optimizer is not None
+    again = main.run(model, main.parse_args(common + ["--save_dir", str(tmp_path / "b")]), progress=False)
+    assert model.lora_optimizer is None  # the trained LoRA is gone
+    assert list(Image.open(sds.image_path).getdata()) == list(Image.open(again.image_path).getdata())
