@@ -1,0 +1,589 @@
+"""Write OUT/report.pdf from run_all.py's (or hand-made course-style) outputs, with matplotlib.
+
+    python report.py outputs/                 # -> outputs/report.pdf
+    python report.py outputs/ --pdf results.pdf
+
+Pages: a title page (run settings; per task the mean score against the course's CLIP thresholds 0.26 and
+0.28, with its spread over seeds or images); per task a grid of every image captioned with its prompt and
+score (PDS: source and result side by side with both prompts); per task, for every run, a strip of its
+progress images and its loss curve. Scores come from each folder's eval.json. Anything missing (an image,
+an eval.json, a loss.csv) is drawn as a grey box or a line saying what is missing; it never stops the report.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils import CliParser, UserError, filename_to_prompt, run_cli
+
+TASKS = ("sds", "pds", "vsd")
+TASK_TITLES = {"sds": "SDS: Score Distillation Sampling (generation)",
+               "pds": "PDS: Posterior Distillation Sampling (editing)",
+               "vsd": "VSD: Variational Score Distillation (generation)"}
+THRESHOLDS = (0.26, 0.28)  # the course's grades: >= 0.28 full points, >= 0.26 half, below 0.26 none
+MANIFEST = "run_all.json"
+PAGE = (11.69, 8.27)  # A4 landscape, inches
+MARGIN = 0.45
+FONT = 8.5  # body text size in points; nothing on a page is smaller than SMALL
+SMALL = 7.0
+LINE = FONT * 1.2 / 72  # inches per line of body text
+GRID_PX, STRIP_PX = 384, 160  # longest side of the images embedded in the PDF
+STRIP_LENGTH = 6  # progress images per run
+
+
+# ----------------------------------------------------------------------------------------------- collecting
+@dataclass
+class Run:
+    """One image of the report: where its files are and what is known about it."""
+
+    task: str
+    name: str  # the course file stem
+    prompt: str  # generation prompt (PDS: the source's prompt)
+    edit_prompt: str | None
+    seed: int | None
+    folder: Path
+    config: dict | None = None
+    score: float | None = None
+
+    @property
+    def image(self) -> Path:
+        return self.folder / f"{self.name}.png"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def caption_prompt(self) -> str:
+        return self.edit_prompt if self.task == "pds" and self.edit_prompt else self.prompt
+
+    @property
+    def status(self) -> str:
+        """Return finished | running | diverged | interrupted | no record (a PNG without main.py's record) | missing."""
+        if self.config is not None:
+            return str(self.config.get("status", "unknown"))
+        return "no record" if self.image.is_file() else "missing"
+
+
+@dataclass
+class TaskResult:
+    """A task's runs and scores."""
+
+    task: str
+    seeds: list
+    runs: list[Run]
+    settings: dict
+    seed_scores: dict = field(default_factory=dict)  # seed -> eval.json's mean score (None: no eval.json)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scores(self) -> list[float]:
+        return [s for s in self.seed_scores.values() if s is not None]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.scores) if self.scores else None
+
+    def spread(self) -> str:
+        """Return the spread of the score in words: std over seeds, or over images with one seed."""
+        if len(self.scores) > 1:
+            return f"± {statistics.stdev(self.scores):.4f} (std over {len(self.scores)} seeds)"
+        image_scores = [r.score for r in self.runs if r.score is not None]
+        if len(image_scores) > 1:
+            return f"± {statistics.stdev(image_scores):.4f} (std over {len(image_scores)} images)"
+        return "n/a"
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    manifest: dict
+    tasks: list[TaskResult]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _seed_folders(task_dir: Path) -> list[tuple[int | None, Path]]:
+    seeded = sorted((int(d.name[5:]), d) for d in task_dir.glob("seed_*") if d.is_dir() and d.name[5:].isdigit())
+    return seeded or [(None, task_dir)]
+
+
+def _discover_runs(task: str, folder: Path, seed) -> list[Run]:
+    """Return the runs in a course-style folder without a manifest: every PNG and every run folder."""
+    names = {p.stem for p in folder.glob("*.png") if not p.name.startswith(".")}
+    names |= {d.name for d in folder.iterdir() if (d / "run_config.json").is_file()}
+    runs = []
+    for name in sorted(names):
+        config = _read_json(folder / name / "run_config.json")
+        prompt = (config or {}).get("prompt") or filename_to_prompt(name)
+        edit = (config or {}).get("edit_prompt") if task == "pds" else None
+        if task == "pds" and not edit:
+            edit = filename_to_prompt(name)
+        runs.append(Run(task, name, prompt, edit, (config or {}).get("seed", seed), folder, config))
+    return runs
+
+
+def collect(out_dir: str | Path) -> Report:
+    """Return what the report shows, read from OUT/run_all.json (if any), the run folders and the eval.json files."""
+    out = Path(out_dir)
+    manifest = _read_json(out / MANIFEST) or {}
+    listed = manifest.get("tasks", {})
+    results = []
+    for task in [t for t in TASKS if t in listed or (out / t).is_dir()]:
+        entry = listed.get(task)
+        if entry:
+            runs = [Run(task, it["name"], it["prompt"], it.get("edit_prompt"), it.get("seed"), out / it["folder"])
+                    for it in entry.get("items", [])]
+            seeds = list(entry.get("seeds", []))
+        else:
+            runs, seeds = [], []
+            for seed, folder in _seed_folders(out / task):
+                runs += _discover_runs(task, folder, seed)
+                seeds.append(seed)
+        result = TaskResult(task, seeds, runs, dict((entry or {}).get("settings", {})))
+        for run in runs:
+            run.config = _read_json(run.run_dir / "run_config.json")
+        if not result.settings:
+            config = next((r.config for r in runs if r.config), {})
+            result.settings = {k: config[k] for k in ("guidance_scale", "step", "lr", "negative_prompt", "precision",
+                                                       "weighting", "num_particles") if k in config}
+        _attach_scores(result, out, (entry or {}).get("eval_errors", {}))
+        missing = [r for r in runs if not r.image.is_file()]
+        if missing:
+            result.notes.append(f"{len(missing)} of {len(runs)} images missing: "
+                                + ", ".join(f"{r.name}" + (f" (seed {r.seed})" if len(seeds) > 1 else "")
+                                            for r in missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        unfinished = [r for r in runs if r.image.is_file() and r.status not in ("finished", "no record")]
+        if unfinished:
+            result.notes.append(f"{len(unfinished)} image(s) are from runs that did not finish "
+                                f"({', '.join(sorted({r.status for r in unfinished}))})")
+        results.append(result)
+    return Report(out, manifest, results)
+
+
+def _attach_scores(result: TaskResult, out: Path, eval_errors: dict) -> None:
+    """Fill run scores and per-seed means from each folder's eval.json; note missing or failed evaluations."""
+    folders = {}
+    for run in result.runs:
+        folders.setdefault(run.folder, []).append(run)
+    for folder, runs in folders.items():
+        evaluation = _read_json(folder / "eval.json")
+        where = folder.relative_to(out) if folder.is_relative_to(out) else folder
+        error = eval_errors.get(str(where))
+        if evaluation is None:
+            result.seed_scores[runs[0].seed] = None
+            result.notes.append(f"no eval.json in {where}: scores unknown"
+                                + (f" (evaluation failed: {error})" if error else
+                                   f" (run `python eval.py --fdir1 {where}`)"))
+            continue
+        if error:
+            result.notes.append(f"the last evaluation of {where} failed ({error}); eval.json is older")
+        by_name = {Path(k).name: v for k, v in evaluation.items() if k not in ("source_dir", "score")}
+        for run in runs:
+            value = by_name.get(run.image.name)
+            run.score = float(value) if isinstance(value, (int, float)) else None
+        score = evaluation.get("score")
+        result.seed_scores[runs[0].seed] = float(score) if isinstance(score, (int, float)) else None
+
+
+# ----------------------------------------------------------------------------------------------- drawing helpers
+def _grade(score: float | None) -> str:
+    if score is None:
+        return "no score"
+    if score >= THRESHOLDS[1]:
+        return f"full (≥ {THRESHOLDS[1]})"
+    if score >= THRESHOLDS[0]:
+        return f"half (≥ {THRESHOLDS[0]})"
+    return f"below {THRESHOLDS[0]}"
+
+
+def _wrap(text: str, width_in: float, size: float = FONT, max_lines: int | None = None) -> str:
+    """Return text wrapped to fit width_in inches at a font size (DejaVu Sans averages ~0.58 em per character)."""
+    chars = max(8, int(width_in * 72 / (size * 0.58)))
+    lines = textwrap.wrap(text, chars) or [""]
+    if max_lines and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:max(1, chars - 1)].rstrip() + "…"
+    return "\n".join(lines)
+
+
+class Page:
+    """A figure laid out in inches from the top-left corner (matplotlib counts fractions from the bottom-left)."""
+
+    def __init__(self, title: str, subtitle: str = ""):
+        import matplotlib.pyplot as plt
+
+        self.fig = plt.figure(figsize=PAGE)
+        self.text(MARGIN, 0.35, title, size=15, weight="bold", gid="title")
+        if subtitle:
+            self.text(MARGIN, 0.68, subtitle, size=FONT, color="#444444", gid="subtitle")
+
+    def axes(self, left: float, top: float, width: float, height: float):
+        w, h = PAGE
+        return self.fig.add_axes((left / w, 1 - (top + height) / h, width / w, height / h))
+
+    def text(self, x: float, y: float, s: str, size: float = FONT, gid: str = "caption", **kwargs):
+        """Draw text with its top-left corner (default alignment) at (x, y) inches from the page's top-left."""
+        kwargs.setdefault("va", "top")
+        kwargs.setdefault("ha", "left")
+        return self.fig.text(x / PAGE[0], 1 - y / PAGE[1], s, size=size, gid=gid, **kwargs)
+
+
+def _load_image(path: Path, max_px: int):
+    """Return the image at path as an RGB array no larger than max_px, or None if it is missing or unreadable."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((max_px, max_px))
+            return np.asarray(img)
+    except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def _show_image(page: Page, path: Path, left, top, size, max_px: int, missing_note: str) -> None:
+    """Draw the image at path in a size x size inch box, or a grey box saying what is missing."""
+    ax = page.axes(left, top, size, size)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    array = _load_image(path, max_px)
+    if array is not None:
+        ax.imshow(array, interpolation="lanczos" if max(array.shape[:2]) > 64 else "nearest")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        return
+    ax.set_facecolor("#e6e6e6")
+    what = "missing" if not path.exists() else "unreadable"
+    note = _wrap(f"{what}: {path.name}. {missing_note}".strip(), size - 0.2, SMALL, max_lines=8)
+    ax.text(0.5, 0.5, note, ha="center", va="center", size=SMALL, color="#aa0000", transform=ax.transAxes,
+            gid="placeholder")
+
+
+def _why_missing(run: Run) -> str:
+    if run.config is None:
+        return "Not run (or its run folder is gone)."
+    status = run.config.get("status")
+    if status == "running":
+        return "Its run is still going, or was stopped before finishing."
+    if status in ("diverged", "interrupted"):
+        return f"Its run {status}; see {run.name}/."
+    if status == "finished":
+        return "Its run finished but the PNG is gone: run run_all.py again to redo it."
+    return ""
+
+
+def _score_text(run: Run) -> str:
+    return f"score {run.score:.4f}" if run.score is not None else "score n/a"
+
+
+# ----------------------------------------------------------------------------------------------- pages
+def title_page(report: Report):
+    manifest = report.manifest
+    page = Page("Score distillation report: SDS · PDS · VSD",
+                f"{report.out_dir.resolve()}   ·   written {time.strftime('%Y-%m-%d %H:%M')}")
+    configs = [r.config for t in report.tasks for r in t.runs if r.config]
+    model = manifest.get("model") or next((c.get("model") for c in configs), "?")
+    scorer = manifest.get("scorer", "CLIP ViT-B-32 (eval.py)")
+    device = next((c.get("device") for c in configs), "?")
+    lines = [f"Model: {model}", f"Scorer: {scorer}", f"Prompts: {manifest.get('prompts_file', 'n/a')}",
+             f"Device: {device}"]
+    y = 1.05
+    for line in lines:
+        page.text(MARGIN, y, _wrap(line, PAGE[0] - 2 * MARGIN, FONT, 2))
+        y += 0.22 * (1 + line.count("\n")) + (0.2 if len(line) > 150 else 0)
+
+    # The summary table, one row per task.
+    columns = [("Task", 0.6), ("Images", 0.9), ("Seeds", 0.9), ("Guidance", 0.8), ("Steps", 0.6), ("LR", 0.6),
+               ("Mean score", 1.0), ("Spread", 2.5), ("Course grade", 1.3)]
+    y += 0.2
+    x = MARGIN
+    for name, width in columns:
+        page.text(x, y, name, weight="bold")
+        x += width
+    page.fig.add_artist(_hline(page, MARGIN, x, y + 0.22))
+    y += 0.32
+    for result in report.tasks:
+        done = sum(r.image.is_file() for r in result.runs)
+        cells = [result.task.upper(), f"{done} / {len(result.runs)}",
+                 ", ".join(str(s) for s in result.seeds if s is not None) or "?",
+                 _fmt(result.settings.get("guidance_scale")), _fmt(result.settings.get("step")),
+                 _fmt(result.settings.get("lr")),
+                 f"{result.mean:.4f}" if result.mean is not None else "n/a", result.spread(), _grade(result.mean)]
+        x = MARGIN
+        for (name, width), cell in zip(columns, cells):
+            color = _grade_color(result.mean) if name in ("Mean score", "Course grade") else "black"
+            page.text(x, y, _wrap(cell, width - 0.1, FONT, 2), color=color)
+            x += width
+        y += 0.42
+    if not report.tasks:
+        page.text(MARGIN, y, "No task folders (sds/, pds/, vsd/) and no run_all.json here: nothing to report.",
+                  color="#aa0000")
+        y += 0.4
+
+    # Other settings that are shared, then the notes.
+    shared = {}
+    for result in report.tasks:
+        for key in ("negative_prompt", "precision", "weighting", "num_particles", "lora_lr", "vsd_lora_timestep"):
+            if key in result.settings and (key not in ("lora_lr", "vsd_lora_timestep") or result.task == "vsd"):
+                value = result.settings[key]
+                shared.setdefault(key, "the model's default" if value is None and key == "lora_lr" else value)
+    if shared:
+        text = "Other settings: " + "; ".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
+                                               for k, v in shared.items())
+        page.text(MARGIN, y + 0.05, _wrap(text, 6.5, FONT, 3))
+        y += 0.25 + 0.17 * _wrap(text, 6.5, FONT, 3).count("\n")
+    notes = [f"{r.task.upper()}: {n}" for r in report.tasks for n in r.notes]
+    if "toy" in str(scorer):
+        notes.append("The toy scorer is not CLIP: the course's thresholds are drawn for reference only.")
+    y += 0.2
+    page.text(MARGIN, y, "Notes" if notes else "Notes: none (every image present and scored)", weight="bold")
+    y += 0.25
+    for note in notes[:12]:
+        wrapped = _wrap("• " + note, 6.6, FONT, 3)
+        page.text(MARGIN, y, wrapped, color="#aa0000")
+        y += 0.2 + 0.16 * wrapped.count("\n")
+    if len(notes) > 12:
+        page.text(MARGIN, y, f"… and {len(notes) - 12} more notes", color="#aa0000")
+
+    # The mean score per task against the thresholds.
+    ax = page.axes(7.75, 4.25, 3.45, 3.3)
+    _score_chart(ax, report.tasks)
+    return page.fig
+
+
+def _fmt(value) -> str:
+    return "?" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _grade_color(score) -> str:
+    if score is None:
+        return "#777777"
+    return "#1a7f37" if score >= THRESHOLDS[1] else "#b26b00" if score >= THRESHOLDS[0] else "#aa0000"
+
+
+def _hline(page: Page, x0: float, x1: float, y: float):
+    from matplotlib.lines import Line2D
+
+    w, h = PAGE
+    return Line2D([x0 / w, x1 / w], [1 - y / h, 1 - y / h], transform=page.fig.transFigure, color="#888888", lw=0.8)
+
+
+def _score_chart(ax, tasks: list[TaskResult]) -> None:
+    """Draw each task's mean score (error bar: std over seeds) against the course's thresholds."""
+    names = [t.task.upper() for t in tasks]
+    means = [t.mean if t.mean is not None else 0.0 for t in tasks]
+    errors = [statistics.stdev(t.scores) if len(t.scores) > 1 else 0.0 for t in tasks]
+    ax.bar(names, means, yerr=errors, capsize=4, color=[_grade_color(t.mean) for t in tasks], alpha=0.85)
+    top = max([*means, THRESHOLDS[1]]) * 1.35 or 1.0
+    for threshold, style, label in zip(THRESHOLDS, (":", "--"), ("half points", "full points")):
+        ax.axhline(threshold, color="black", lw=0.9, ls=style, label=f"{threshold}: {label}")
+    ax.legend(loc="upper right", fontsize=SMALL, frameon=False)
+    for i, t in enumerate(tasks):
+        label = f"{t.mean:.3f}" if t.mean is not None else "n/a"
+        ax.text(i, means[i] + errors[i] + top * 0.02, label, ha="center", va="bottom", size=SMALL)
+    ax.set_ylim(0, top)
+    ax.set_ylabel("mean score", size=FONT)
+    ax.set_title("Mean score vs course thresholds", size=FONT)
+    ax.tick_params(labelsize=SMALL)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def grid_pages(result: TaskResult, several_seeds: bool):
+    """Yield pages with every image of a generation task, captioned with its prompt and score."""
+    cols, rows = 5, 2
+    cell_w = (PAGE[0] - 2 * MARGIN) / cols
+    size = cell_w - 0.3
+    per_page = cols * rows
+    runs = sorted(result.runs, key=lambda r: (r.prompt.lower(), r.seed if r.seed is not None else -1))
+    pages = max(1, math.ceil(len(runs) / per_page))
+    for p in range(pages):
+        page = Page(TASK_TITLES.get(result.task, result.task), _task_subtitle(result, p, pages))
+        if not runs:
+            page.text(MARGIN, 1.2, "No runs for this task.", color="#aa0000")
+        for i, run in enumerate(runs[p * per_page:(p + 1) * per_page]):
+            left = MARGIN + (i % cols) * cell_w + 0.15
+            top = 1.05 + (i // cols) * (size + 1.05)
+            _show_image(page, run.image, left, top, size, GRID_PX, _why_missing(run))
+            seed = f"  ·  seed {run.seed}" if several_seeds else ""
+            caption = _wrap(run.caption_prompt, size, FONT, 3)
+            page.text(left, top + size + 0.06, caption, gid="caption")
+            page.text(left, top + size + 0.12 + LINE * (1 + caption.count("\n")), _score_text(run) + seed,
+                      weight="bold", color=_grade_color(run.score), gid="caption")
+        yield page.fig
+
+
+def pair_pages(result: TaskResult, several_seeds: bool):
+    """Yield pages with every PDS edit: source and result side by side, with both prompts and the score."""
+    pairs_per_row, rows = 2, 3
+    pair_w = (PAGE[0] - 2 * MARGIN) / pairs_per_row
+    size = 1.62
+    row_h = size + 0.72
+    per_page = pairs_per_row * rows
+    runs = sorted(result.runs, key=lambda r: (r.prompt.lower(), r.seed if r.seed is not None else -1))
+    pages = max(1, math.ceil(len(runs) / per_page))
+    for p in range(pages):
+        page = Page(TASK_TITLES["pds"], _task_subtitle(result, p, pages))
+        if not runs:
+            page.text(MARGIN, 1.2, "No runs for this task.", color="#aa0000")
+        for i, run in enumerate(runs[p * per_page:(p + 1) * per_page]):
+            left = MARGIN + (i % pairs_per_row) * pair_w + 0.1
+            top = 1.05 + (i // pairs_per_row) * row_h
+            text_w = pair_w - 2 * size - 0.45
+            _show_image(page, run.run_dir / "source.png", left, top, size, GRID_PX,
+                        "The source is copied into the run folder when the run starts.")
+            _show_image(page, run.image, left + size + 0.1, top, size, GRID_PX, _why_missing(run))
+            page.text(left, top + size + 0.04, "source", size=SMALL, color="#555555")
+            page.text(left + size + 0.1, top + size + 0.04, "result", size=SMALL, color="#555555")
+            x = left + 2 * size + 0.25
+            seed = f" (seed {run.seed})" if several_seeds else ""
+            page.text(x, top, "source" + seed, size=SMALL, color="#555555")
+            page.text(x, top + 0.17, _wrap(run.prompt, text_w, FONT, 3))
+            page.text(x, top + 0.72, "edit", size=SMALL, color="#555555")
+            page.text(x, top + 0.89, _wrap(run.edit_prompt or "?", text_w, FONT, 3))
+            page.text(x, top + 1.45, _score_text(run), weight="bold", color=_grade_color(run.score))
+        yield page.fig
+
+
+def progress_pages(result: TaskResult, several_seeds: bool):
+    """Yield pages with, for every run, a strip of its progress images and its loss curve."""
+    rows = 5
+    row_h = (PAGE[1] - 1.0 - MARGIN) / rows
+    thumb = row_h - 0.42
+    label_w = 1.85
+    runs = sorted(result.runs, key=lambda r: (r.caption_prompt.lower(), r.seed if r.seed is not None else -1))
+    pages = max(1, math.ceil(len(runs) / rows))
+    for p in range(pages):
+        page = Page(f"{result.task.upper()}: progress and loss per run", _task_subtitle(result, p, pages))
+        for i, run in enumerate(runs[p * rows:(p + 1) * rows]):
+            top = 1.0 + i * row_h
+            seed = f"seed {run.seed} · " if several_seeds else ""
+            steps = run.config.get("steps_done") if run.config else None
+            seconds = run.config.get("seconds") if run.config else None
+            status = "not finished (running or stopped)" if run.status == "running" else run.status
+            details = f"{seed}{status}" + (f" · {steps} steps" if steps is not None else "") + \
+                (f" · {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")
+            page.text(MARGIN, top + 0.05, _wrap(run.caption_prompt, label_w - 0.1, FONT, 3), weight="bold")
+            page.text(MARGIN, top + 0.62, _wrap(details, label_w - 0.1, SMALL, 2), size=SMALL, color="#555555")
+            page.text(MARGIN, top + 0.95, _score_text(run), size=SMALL, color=_grade_color(run.score))
+            frames = _pick_frames(sorted((run.run_dir / "progress").glob("step_*.png")), STRIP_LENGTH)
+            x = MARGIN + label_w
+            if not frames:
+                page.text(x, top + 0.4, _wrap(f"no progress images in {run.name}/progress/ "
+                                              "(not run yet, or run with --log_step 0)", 4.5, FONT, 3),
+                          color="#aa0000")
+            for frame in frames:
+                _show_image(page, frame, x, top + 0.05, thumb, STRIP_PX, "")
+                page.text(x + thumb / 2, top + thumb + 0.1, f"step {int(frame.stem[5:])}", size=SMALL, ha="center")
+                x += thumb + 0.06
+            loss_left = MARGIN + label_w + STRIP_LENGTH * (thumb + 0.06) + 0.55
+            ax = page.axes(loss_left, top + 0.08, PAGE[0] - MARGIN - loss_left, thumb - 0.05)
+            _loss_plot(ax, run.run_dir / "loss.csv")
+        yield page.fig
+
+
+def _pick_frames(frames: list[Path], n: int) -> list[Path]:
+    """Return up to n frames spread evenly over the run, always including the first and the last."""
+    if len(frames) <= n:
+        return frames
+    return [frames[round(i * (len(frames) - 1) / (n - 1))] for i in range(n)]
+
+
+def _loss_plot(ax, path: Path) -> None:
+    """Plot loss.csv (raw, and a moving average), or say that it is missing."""
+    ax.tick_params(labelsize=SMALL - 0.5, length=2, pad=1)
+    ax.spines[["top", "right"]].set_visible(False)
+    losses = []
+    try:
+        with open(path, newline="") as handle:
+            losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    losses = [v for v in losses if math.isfinite(v)]
+    if not losses:
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no loss curve ({path.name} {'missing' if not path.exists() else 'empty'})",
+                ha="center", va="center", size=SMALL, color="#aa0000", transform=ax.transAxes, gid="placeholder")
+        return
+    window = max(1, len(losses) // 20)
+    smooth = [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+    ax.plot(losses, color="#9ab6d6", lw=0.6)
+    ax.plot(smooth, color="#1f4e8c", lw=1.1)
+    if min(losses) > 0 and max(losses) / min(losses) > 100:
+        ax.set_yscale("log")  # early spikes would flatten the rest of the curve
+    ax.set_xlabel("step", size=SMALL, labelpad=1)
+    ax.set_ylabel("loss", size=SMALL, labelpad=1)
+    ax.margins(x=0)
+
+
+def _task_subtitle(result: TaskResult, page: int, pages: int) -> str:
+    mean = f"mean score {result.mean:.4f} {result.spread()} · {_grade(result.mean)}" if result.mean is not None \
+        else "mean score n/a (no eval.json)"
+    settings = ", ".join(f"{k} {_fmt(result.settings[k])}" for k in ("guidance_scale", "step", "lr")
+                         if k in result.settings)
+    return f"{mean}   ·   {settings}   ·   page {page + 1} of {pages}"
+
+
+def render(report: Report) -> list:
+    """Return the report's pages as matplotlib figures."""
+    figures = [title_page(report)]
+    for result in report.tasks:
+        several = len([s for s in result.seeds if s is not None]) > 1
+        pages = pair_pages if result.task == "pds" else grid_pages
+        figures += list(pages(result, several))
+        figures += list(progress_pages(result, several))
+    return figures
+
+
+def write_report(out_dir: str | Path, pdf_path: str | Path | None = None) -> Path:
+    """Return the path of the PDF written for out_dir (default OUT/report.pdf), atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    from utils import atomic_write_bytes
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder: give the output folder of run_all.py (e.g. outputs/)")
+    pdf_path = Path(pdf_path) if pdf_path else out / "report.pdf"
+    buffer = io.BytesIO()
+    with matplotlib.rc_context({"pdf.fonttype": 42, "font.size": FONT}):
+        figures = render(collect(out))
+        with PdfPages(buffer, metadata={"Title": "Score distillation report", "Creator": "report.py"}) as pdf:
+            for fig in figures:
+                pdf.savefig(fig)
+                plt.close(fig)
+    atomic_write_bytes(pdf_path, buffer.getvalue())
+    return pdf_path
+
+
+def main(argv=None) -> int:
+    parser = CliParser(description="Write OUT/report.pdf from run_all.py's outputs.")
+    parser.add_argument("out_dir", help="output folder of run_all.py (holding sds/, pds/, vsd/)")
+    parser.add_argument("--pdf", default=None, help="where to write the PDF (default OUT/report.pdf)")
+    args = parser.parse_args(argv)
+    path = write_report(args.out_dir, args.pdf)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,500 @@
+"""Run the whole assignment: every prompt for SDS, PDS and VSD, then each task's eval.json and report.pdf.
+
+    python run_all.py --tasks sds pds vsd                        # the course's 30 runs into outputs/
+    python run_all.py --model toy --out toy_outputs              # the toy world: offline, minutes on a CPU
+    python run_all.py --tasks vsd --seeds 0 1 2 --step 300       # any other main.py flag passes through
+    accelerate launch --num_processes 4 run_all.py --tasks sds pds vsd       # split over 4 GPUs
+    accelerate launch --multi_gpu --num_processes 2 run_all.py ...           # 2 processes on a CPU-only machine
+
+Layout (the course's): OUT/<task>/<name>.png with main.py's files for that run in OUT/<task>/<name>/, or
+OUT/<task>/seed_<s>/<name>.png when several seeds are asked; OUT/<task>/eval.json (eval.py's schema),
+OUT/report.pdf, OUT/run_all.json (the settings and items the report reads) and OUT/logs/process_<i>.jsonl
+(one line per run a process attempted). A run counts as done only when its run_config.json says
+'finished' with the same settings (main.py writes that after the PNG); done runs are skipped unless
+--overwrite. The model is loaded once per process; failures are reported and the other runs go on.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from utils import CliParser, UserError, prompt_to_filename, run_cli, save_json_atomic
+
+REPO = Path(__file__).resolve().parent
+TASKS = ("sds", "pds", "vsd")  # also the order each process runs them in: VSD (which adds a LoRA) last
+EVAL_TASK = {"sds": "gen", "pds": "edit", "vsd": "gen"}
+DEFAULT_PROMPTS = REPO / "data" / "prompt_img_pairs.json"
+TOY_PROMPTS = REPO / "data" / "toy_prompts.json"
+MANIFEST = "run_all.json"
+# main.py flags that run_all sets per run, and the run_all flag to use instead.
+PER_RUN_FLAGS = {"prompt": "--prompts FILE", "edit_prompt": "--prompts FILE", "src_img_path": "--prompts FILE",
+                 "save_dir": "--out DIR", "loss_type": "--tasks", "seed": "--seeds"}
+# Settings that change a run's result: a finished run made with other values is redone.
+RESULT_KEYS = ("model", "loss_type", "prompt", "edit_prompt", "negative_prompt", "seed", "step", "guidance_scale",
+               "lr", "precision", "weighting", "num_particles", "lora_lr", "vsd_lora_timestep")
+# Settings shown on the report's title page.
+SETTING_KEYS = ("guidance_scale", "step", "lr", "negative_prompt", "precision", "weighting", "num_particles",
+                "lora_lr", "vsd_lora_timestep", "log_step")
+BARRIER_TIMEOUT = timedelta(hours=24)  # processes wait for each other's whole share of runs
+
+
+@dataclass(frozen=True)
+class Item:
+    """One run of the batch: a task, a prompts-file entry and a seed."""
+
+    task: str
+    key: str
+    seed: int
+    prompt: str
+    edit_prompt: str | None
+    src_img_path: str | None
+    save_dir: Path
+
+    @property
+    def name(self) -> str:
+        if self.task == "pds":
+            return prompt_to_filename(self.edit_prompt) if self.edit_prompt else self.key
+        return prompt_to_filename(self.prompt)
+
+    @property
+    def image_path(self) -> Path:
+        return self.save_dir / f"{self.name}.png"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.save_dir / self.name
+
+    def label(self) -> str:
+        return f"{self.task} seed {self.seed} {self.name}"
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    """Return run_all.py's own parser (main.py's flags are parsed by main.py's parser)."""
+    p = CliParser(
+        description="Run every prompt of the assignment for SDS, PDS and VSD, evaluate each task and write report.pdf.",
+        allow_abbrev=False,  # so that main.py's --seed / --prompt are not taken for --seeds / --prompts
+        epilog="Every other main.py flag (python main.py --help) passes through to each run, e.g. --model, --step, "
+               "--guidance_scale (default per task: sds 25/500 steps, pds 7.5/200, vsd 7.5/500), --lr, --log_step, "
+               "--device, --precision, --gif. Several processes: accelerate launch --num_processes N run_all.py ...")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to run (default: all three)")
+    p.add_argument("--prompts", default=None,
+                   help="course-schema prompts json {key: {prompt, edit_prompt, img_path}} (default "
+                        "data/prompt_img_pairs.json; data/toy_prompts.json with --model toy)")
+    p.add_argument("--out", default="outputs", help="output folder (default outputs)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="seeds per prompt (default 0); several are stored apart in <task>/seed_<s>/")
+    p.add_argument("--overwrite", action="store_true", help="redo runs that are already finished")
+    p.add_argument("--clip_pretrained", default="openai",
+                   help="CLIP weights for the evaluation: open_clip tag, local checkpoint file, or 'none' (random; "
+                        "tests only). --model toy uses the toy scorer instead")
+    p.add_argument("--no_eval", action="store_true", help="skip the evaluation (eval.json)")
+    p.add_argument("--no_report", action="store_true", help="skip report.pdf")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """Return (run_all's options, main.py's options shared by every run), checked before any model is loaded."""
+    import main
+
+    ours, rest = build_parser().parse_known_args(argv)
+    main_parser = main.build_parser()
+    main_parser.prog = "run_all.py"
+    for action in main_parser._actions:
+        if action.dest == "prompt":
+            action.required = False  # each run's prompt comes from the prompts file
+    unset = object()
+    main_parser.set_defaults(**{dest: unset for dest in PER_RUN_FLAGS})
+    base = main_parser.parse_args(rest)
+    for dest, instead in PER_RUN_FLAGS.items():
+        if getattr(base, dest) is not unset:
+            raise UserError(f"--{dest} is set by run_all for each run: use {instead} instead")
+        setattr(base, dest, None)
+    ours.tasks = [t for t in TASKS if t in ours.tasks]
+    ours.seeds = list(dict.fromkeys(ours.seeds))
+    if ours.prompts is None:
+        ours.prompts = str(TOY_PROMPTS if base.model == "toy" else DEFAULT_PROMPTS)
+    # Check the flags that all runs share now (e.g. --step 0), with a stand-in run.
+    probe = copy.copy(base)
+    probe.prompt, probe.loss_type, probe.seed, probe.save_dir = "probe", "sds", 0, ours.out
+    main.validate_args(probe)
+    return ours, base
+
+
+def load_prompts(path: str) -> dict:
+    """Return the prompts file's entries (eval.py's loader: course schema, checked)."""
+    from eval import load_prompts_file
+
+    if not Path(path).is_file():
+        fix = ("run `python data/download.py` to fetch the course's prompts and images" if Path(path) == DEFAULT_PROMPTS
+               else "pass an existing course-schema json with --prompts")
+        raise UserError(f"prompts file not found: {path}: {fix}")
+    return load_prompts_file(path)
+
+
+def resolve_source(img_path: str, prompts_file: Path) -> str:
+    """Return the source image path of an entry: $VARS and ~ expanded; relative paths tried from the working
+    folder, the prompts file's folder and the repo; finally data/imgs/<file name> in the repo, because the
+    course's json writes '$HOME/data/imgs/...'. Returns the first candidate if none exists (reported later)."""
+    raw = Path(os.path.expanduser(os.path.expandvars(img_path)))
+    candidates = [raw] if raw.is_absolute() else [Path.cwd() / raw, prompts_file.parent / raw, REPO / raw]
+    candidates.append(REPO / "data" / "imgs" / raw.name)
+    return str(next((c for c in candidates if c.is_file()), candidates[0]))
+
+
+def task_dir(out: Path, task: str, seed: int, seeds: list[int]) -> Path:
+    """Return where a task's runs for a seed go: OUT/<task>/ for one seed, OUT/<task>/seed_<s>/ for several."""
+    return out / task if len(seeds) == 1 else out / task / f"seed_{seed}"
+
+
+def build_items(ours: argparse.Namespace, prompts: dict) -> list[Item]:
+    """Return every (task, entry, seed) run in execution order: task (sds, pds, vsd), then seed, then entry."""
+    out, prompts_file = Path(ours.out), Path(ours.prompts)
+    items, owner = [], {}
+    for task in ours.tasks:
+        for seed in ours.seeds:
+            for key, entry in prompts.items():
+                edit = entry.get("edit_prompt") if task == "pds" else None
+                src = entry.get("img_path") if task == "pds" else None
+                item = Item(task, key, seed, entry["prompt"], edit if isinstance(edit, str) else None,
+                            resolve_source(src, prompts_file) if isinstance(src, str) and src else None,
+                            task_dir(out, task, seed, ours.seeds))
+                slot = (task, seed, item.name)
+                if slot in owner:
+                    first = owner[slot]
+                    if (first.prompt, first.edit_prompt, first.src_img_path) == (item.prompt, item.edit_prompt,
+                                                                                 item.src_img_path):
+                        continue  # the same run listed twice
+                    field_name = "edit_prompt" if task == "pds" else "prompt"
+                    raise UserError(f"prompts entries {first.key!r} and {key!r} would both write {task}/"
+                                    f"{item.name}.png: give them different {field_name}s")
+                owner[slot] = item
+                items.append(item)
+    return items
+
+
+def item_args(item: Item, base: argparse.Namespace) -> argparse.Namespace:
+    """Return main.py's validated arguments for one run (UserError names what is wrong with this entry)."""
+    import main
+
+    if item.task == "pds" and (item.edit_prompt is None or item.src_img_path is None):
+        missing = "edit_prompt" if item.edit_prompt is None else "img_path"
+        raise UserError(f"prompts entry {item.key!r} has no {missing}, which PDS needs")
+    args = copy.copy(base)
+    args.prompt, args.edit_prompt, args.src_img_path = item.prompt, item.edit_prompt, item.src_img_path
+    args.loss_type, args.seed, args.save_dir = item.task, item.seed, str(item.save_dir)
+    return main.validate_args(args)
+
+
+def completion(item: Item, args: argparse.Namespace) -> tuple[bool, str]:
+    """Return (done, why not): done when run_config.json says finished with these settings and the PNG exists."""
+    try:
+        config = json.loads((item.run_dir / "run_config.json").read_text())
+    except FileNotFoundError:
+        return False, "not run yet"
+    except (OSError, ValueError):
+        return False, "its run_config.json is unreadable"
+    if config.get("status") == "running":
+        return False, "its last run did not finish (it crashed or was stopped)"
+    if config.get("status") != "finished":
+        return False, f"its last run {config.get('status')}"
+    if not item.image_path.is_file():
+        return False, f"{item.image_path.name} is missing"
+    changed = [f"{k} {config.get(k)!r} -> {getattr(args, k)!r}" for k in RESULT_KEYS
+               if config.get(k) != getattr(args, k)]
+    if changed:
+        return False, "settings changed: " + ", ".join(changed)
+    return True, "finished"
+
+
+# ----------------------------------------------------------------------------------------------- running
+class Batch:
+    """One process's part of the batch: its runs against one model loaded on first need."""
+
+    def __init__(self, base: argparse.Namespace, process_index: int, num_processes: int, out: Path,
+                 device: str | None):
+        self.base = base
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.device = device
+        self.model = None
+        self.log_path = out / "logs" / f"process_{process_index}.jsonl"
+        self.prefix = f"[p{process_index}] " if num_processes > 1 else ""
+
+    def load_model(self, args: argparse.Namespace):
+        import main
+
+        if self.model is None:
+            load_args = copy.copy(args)
+            if self.device is not None:
+                load_args.device = self.device
+            print(f"{self.prefix}loading {args.model} ...", flush=True)
+            self.model = main.build_model(load_args)
+        return self.model
+
+    def record(self, item: Item, status: str, seconds: float = 0.0, message: str = "") -> dict:
+        """Append what happened to a run to this process's log; return the record."""
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "process_index": self.process_index,
+                 "num_processes": self.num_processes, "task": item.task, "key": item.key, "seed": item.seed,
+                 "name": item.name, "status": status, "seconds": round(seconds, 3), "message": message}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        return entry
+
+    def run_one(self, item: Item, args: argparse.Namespace, progress: bool) -> dict:
+        """Run one item; return its record. A KeyboardInterrupt during the run comes back as status 'interrupted'."""
+        import main
+
+        model = self.load_model(args)
+        # Every run starts from the pretrained UNet, as in a fresh process: a VSD run leaves a trained LoRA
+        # behind, which would otherwise steer later SDS/PDS runs and start the next VSD run half-trained.
+        if getattr(model, "lora_optimizer", None) is not None:
+            model.reset_lora()
+        args = copy.copy(args)
+        args.device = str(model.device)
+        args.process_index, args.num_processes = self.process_index, self.num_processes  # kept in run_config.json
+        result = main.run(model, args, progress=progress)
+        message = {"finished": "", "diverged": f"the loss became NaN/inf at step {result.steps_done}; the last "
+                                               f"finite image is {result.image_path}",
+                   "interrupted": f"interrupted at step {result.steps_done}"}[result.status]
+        return self.record(item, result.status, result.seconds, message)
+
+
+def run_share(batch: Batch, share: list[tuple[Item, argparse.Namespace | None, str]], progress: bool) -> list[dict]:
+    """Run this process's share of the pending items; return their records (stops after an interruption)."""
+    records = []
+    for n, (item, args, error) in enumerate(share, 1):
+        head = f"{batch.prefix}[{n}/{len(share)}] {item.label()}"
+        if error:
+            print(f"{head}: FAILED: {error}", file=sys.stderr, flush=True)
+            records.append(batch.record(item, "failed", message=error))
+            continue
+        print(f"{head} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            record = batch.run_one(item, args, progress)
+        except UserError as err:
+            record = batch.record(item, "failed", time.perf_counter() - started, str(err))
+        except KeyboardInterrupt:
+            record = batch.record(item, "interrupted", time.perf_counter() - started, "interrupted")
+        except Exception as err:  # a bug or a resource problem in one run: report it, run the others
+            traceback.print_exc()
+            record = batch.record(item, "failed", time.perf_counter() - started, f"{err.__class__.__name__}: {err}")
+        records.append(record)
+        if record["status"] == "finished":
+            print(f"{head}: finished in {record['seconds']:.1f} s -> {item.image_path}", flush=True)
+        else:
+            print(f"{head}: {record['status'].upper()}: {record['message']}", file=sys.stderr, flush=True)
+        if record["status"] == "interrupted":
+            break
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def eval_is_current(folder: Path, names: list[str]) -> bool:
+    """Return True when folder/eval.json scores exactly the given PNGs and is newer than all of them."""
+    path = folder / "eval.json"
+    try:
+        scored = {Path(k).name for k in json.loads(path.read_text()) if k not in ("source_dir", "score")}
+    except (OSError, ValueError):
+        return False
+    present = [folder / n for n in names if (folder / n).is_file()]
+    newest = max((p.stat().st_mtime for p in present), default=0.0)
+    return scored == {p.name for p in present} and path.stat().st_mtime >= newest
+
+
+def evaluate(ours: argparse.Namespace, base: argparse.Namespace, items: list[Item], changed: set[Path],
+             device: str | None) -> tuple[dict, bool]:
+    """Return ({folder: error message or None}, whether anything was evaluated), writing each folder's eval.json."""
+    import eval as evaluation
+
+    folders: dict[Path, tuple[str, list[str]]] = {}
+    for item in items:
+        folders.setdefault(item.save_dir, (item.task, []))[1].append(item.image_path.name)
+    scorer, results, evaluated = None, {}, False
+    for folder, (task, names) in folders.items():
+        if not any((folder / n).is_file() for n in names):
+            results[folder] = f"no images to score in {folder}"
+            continue
+        if folder not in changed and eval_is_current(folder, names):
+            results[folder] = None
+            continue
+        try:
+            if scorer is None:
+                kind = "toy" if base.model == "toy" else "clip"
+                scorer = evaluation.make_scorer(kind, device=device, clip_pretrained=ours.clip_pretrained)
+            result = evaluation.evaluate_dir(folder, scorer=scorer, prompts_file=ours.prompts, task=EVAL_TASK[task],
+                                             allow_missing=True)
+            evaluated = True
+            results[folder] = None
+            print(f"{folder}/eval.json: score {result['score']:.4f} "
+                  f"({len(result) - 2} images)", flush=True)
+        except UserError as err:
+            results[folder] = str(err)
+            print(f"error: evaluating {folder} failed: {err}", file=sys.stderr, flush=True)
+        except Exception as err:
+            traceback.print_exc()
+            results[folder] = f"{err.__class__.__name__}: {err}"
+    return results, evaluated
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+def update_manifest(out: Path, ours: argparse.Namespace, base: argparse.Namespace, items: list[Item],
+                    item_settings: dict, eval_errors: dict | None = None) -> bool:
+    """Merge this batch's tasks into OUT/run_all.json (other tasks' entries are kept); return True if it changed."""
+    path = out / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    old = json.dumps(manifest, sort_keys=True)
+    scorer = "toy" if base.model == "toy" else f"clip ViT-B-32 ({ours.clip_pretrained})"
+    manifest.update(model=base.model, prompts_file=str(ours.prompts), scorer=scorer)
+    tasks = manifest.setdefault("tasks", {})
+    for task in ours.tasks:
+        task_items = [it for it in items if it.task == task]
+        entry = {"seeds": ours.seeds, "settings": item_settings.get(task, {}), "items": [
+            {"key": it.key, "seed": it.seed, "prompt": it.prompt, "edit_prompt": it.edit_prompt,
+             "src_img_path": it.src_img_path, "name": it.name, "folder": str(it.save_dir.relative_to(out))}
+            for it in task_items]}
+        if eval_errors is not None:
+            entry["eval_errors"] = {str(f.relative_to(out)): msg for f, msg in eval_errors.items()
+                                    if msg and f in {it.save_dir for it in task_items}}
+        elif task in tasks and "eval_errors" in tasks[task]:
+            entry["eval_errors"] = tasks[task]["eval_errors"]
+        tasks[task] = entry
+    if json.dumps(manifest, sort_keys=True) == old:
+        return False
+    save_json_atomic(manifest, path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- main
+def _distributed_state(base: argparse.Namespace):
+    """Return accelerate's PartialState (one process when not launched by accelerate/torchrun)."""
+    import torch
+    from accelerate import PartialState
+
+    on_cpu = (not torch.cuda.is_available() or str(base.device or "").startswith("cpu")
+              or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    state = PartialState(cpu=on_cpu, timeout=BARRIER_TIMEOUT)
+    if (state.num_processes == 1 and "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ):
+        print("note: accelerate started a single process. Without GPUs (or with --cpu) it starts several only "
+              "with --multi_gpu: accelerate launch --multi_gpu --num_processes N run_all.py ...", file=sys.stderr)
+    return state
+
+
+def main(argv=None) -> int:
+    """Run the batch; return 0 (all done), 1 (a run, the evaluation or the report failed) or 130 (interrupted)."""
+    ours, base = parse_args(argv)
+    out = Path(ours.out)
+    items = build_items(ours, load_prompts(ours.prompts))
+    if not items:
+        raise UserError(f"{ours.prompts} gives nothing to run for tasks {' '.join(ours.tasks)}")
+    state = _distributed_state(base)
+    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+
+    # Which runs are left: every process decides from the same files, before any of them writes one.
+    pending, done, settings = [], [], {}
+    for item in items:
+        try:
+            args = item_args(item, base)
+        except UserError as err:
+            pending.append((item, None, str(err)))
+            continue
+        settings.setdefault(item.task, {k: getattr(args, k) for k in SETTING_KEYS})
+        finished, why = completion(item, args)
+        if finished and not ours.overwrite:
+            done.append(item)
+            continue
+        pending.append((item, args, ""))
+        if is_main and why not in ("not run yet", "finished"):
+            print(f"redo {item.label()}: {why}", flush=True)
+    if is_main:
+        update_manifest(out, ours, base, items, settings)
+        if base.gif:
+            import main as main_module
+
+            for item in done:
+                if not (item.run_dir / "progress.gif").exists():
+                    main_module.write_progress_gif(item.run_dir)
+        if pending:
+            print(f"{len(pending)} of {len(items)} runs to do ({len(done)} already finished)"
+                  + (f", split over {world} processes" if world > 1 else ""), flush=True)
+    state.wait_for_everyone()
+
+    device = base.device if base.device is not None or world == 1 else str(state.device)
+    batch = Batch(base, rank, world, out, device)
+    records = run_share(batch, pending[rank::world], progress=world == 1 and sys.stderr.isatty())
+    if any(r["status"] == "interrupted" for r in records):
+        print(f"{batch.prefix}Interrupted: finished runs are kept; run the same command again to resume.",
+              file=sys.stderr, flush=True)
+        return 130
+
+    state.wait_for_everyone()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)
+    code = finish(ours, base, items, settings, records, len(done), device) if is_main else 0
+    state.wait_for_everyone()  # the others exit only once the main process has written everything
+    return code
+
+
+def finish(ours, base, items: list[Item], settings: dict, records: list[dict], n_done: int, device) -> int:
+    """Evaluate, report and summarise (main process only); return the exit code."""
+    out = Path(ours.out)
+    failed = [r for r in records if r["status"] != "finished"]
+    finished_now = {(r["task"], r["key"], r["seed"]) for r in records if r["status"] == "finished"}
+    changed = {it.save_dir for it in items if (it.task, it.key, it.seed) in finished_now}
+    code = 1 if failed else 0
+    eval_errors, evaluated = {}, False
+    if not ours.no_eval:
+        eval_errors, evaluated = evaluate(ours, base, items, changed, device)
+        update_manifest(out, ours, base, items, settings, eval_errors)
+        if any(eval_errors.values()):
+            code = 1
+    report_path = out / "report.pdf"
+    reported = False
+    if not ours.no_report and (records or evaluated or not report_path.exists()):
+        import report
+
+        try:
+            report.write_report(out, report_path)
+            reported = True
+        except Exception:
+            traceback.print_exc()
+            print(f"error: writing {report_path} failed (the runs and eval.json files are kept)", file=sys.stderr)
+            code = 1
+
+    if not records and not evaluated and not reported:
+        print(f"Nothing to do: all {len(items)} runs are finished (--overwrite redoes them); "
+              f"eval.json and {report_path.name} are up to date.")
+        return code
+    print(f"{len(items)} runs: {len(finished_now)} done now, {n_done} already finished, {len(failed)} failed.")
+    for r in failed:
+        print(f"  FAILED {r['task']} seed {r['seed']} {r['name']}: {r['message']}", file=sys.stderr)
+    for folder, err in eval_errors.items():
+        if err:
+            print(f"  EVAL FAILED {folder}: {err}", file=sys.stderr)
+    if reported:
+        print(f"Report: {report_path}")
+    return code
+
+
+if __name__ == "__main__":
+    try:
+        run_cli(main)
+    except KeyboardInterrupt:
+        print("\nInterrupted: finished runs are kept; run the same command again to resume.", file=sys.stderr)
+        sys.exit(130)
