@@ -69,6 +69,7 @@ class ScoreDistillation:
         self.lora_lr = float(lora_lr)
         self.vsd_lora_timestep = vsd_lora_timestep
         self.lora_optimizer = None
+        self.lora_parameters, self.lora_layers = [], []
         self.last_lora_loss = None
 
     # ----------------------------------------------------------------------------------------- sampling
@@ -147,7 +148,7 @@ class ScoreDistillation:
         """
         t = self.sample_timestep(t)
         noise = self._noise_like(latents, noise)
-        with torch.no_grad():
+        with torch.no_grad(), self.lora_disabled():
             x_t = self.schedule.add_noise(latents.detach().to(noise.dtype), noise, t)
             eps_hat = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
         grad = grad_scale * self.schedule.weight(t, self.weighting) * (eps_hat - noise)
@@ -177,7 +178,8 @@ class ScoreDistillation:
             src_uncond, src_cond = src_text_embedding.chunk(2)
             tgt_uncond, tgt_cond = tgt_text_embedding.chunk(2)
             embeddings = torch.cat([src_uncond, tgt_uncond, src_cond, tgt_cond])
-            eps_hat = self.get_noise_preds(x_t, t, embeddings, guidance_scale)
+            with self.lora_disabled():
+                eps_hat = self.get_noise_preds(x_t, t, embeddings, guidance_scale)
             x0_hat = self.schedule.predict_x0(x_t, eps_hat, t)
             mu = self.schedule.posterior_mean(x0_hat, x_t, t, t_prev)
             z_src, z_tgt = ((x_t_prev - mu) / self.schedule.posterior_std(t, t_prev)).chunk(2)
@@ -232,6 +234,7 @@ class ScoreDistillation:
             p.data = p.data.to(grad_dtype(p))
             p.requires_grad_(True)
         self.lora_parameters = params
+        self.lora_layers = self._lora_layers()
         self.lora_optimizer = torch.optim.AdamW(params, lr=self.lora_lr)
 
     def _lora_layers(self):
@@ -242,7 +245,7 @@ class ScoreDistillation:
     @contextlib.contextmanager
     def lora_disabled(self):
         """Context in which the UNet runs without its LoRA (the pretrained model, no adapter compute at all)."""
-        layers = self._lora_layers()
+        layers = self.lora_layers
         for layer in layers:
             layer.enable_adapters(False)
         try:
@@ -259,7 +262,7 @@ class ScoreDistillation:
             layer.delete_adapter("vsd")
         if getattr(self.unet, "peft_config", None) is not None:
             del self.unet.peft_config  # else peft warns about a second adapter when the next one is added
-        self.lora_parameters, self.lora_optimizer, self.last_lora_loss = [], None, None
+        self.lora_parameters, self.lora_layers, self.lora_optimizer, self.last_lora_loss = [], [], None, None
 
     def _lora_step(self, loss: torch.Tensor) -> None:
         self.lora_optimizer.zero_grad(set_to_none=True)

@@ -313,3 +313,21 @@ def test_constructible_from_the_course_skeletons_args(tiny_sd_dir):
     args = argparse.Namespace(model=str(tiny_sd_dir), device="cpu", precision="fp16")
     sd = StableDiffusion(args, t_range=[0.02, 0.98])
     assert sd.unet.dtype == torch.float16 and sd.device.type == "cpu" and (sd.min_step, sd.max_step) == (20, 980)
+
+
+def test_sds_and_pds_use_the_pretrained_model_even_after_vsd_trained_a_lora(fresh_sd, reference, embeddings):
+    scheduler, unet = reference
+    fresh_sd.enable_lora()
+    with torch.no_grad():
+        for p in fresh_sd.lora_parameters:
+            p.add_(0.5 * torch.randn_like(p))
+    x = randn(*fresh_sd.latent_shape()).requires_grad_(True)
+    noise = torch.randn_like(x)
+    fresh_sd.get_sds_loss(x, embeddings[0], guidance_scale=7.5, t=200, noise=noise).backward()
+    expected = cfg_reference(unet, scheduler.add_noise(x.detach(), noise, 200), 200, embeddings[0], 7.5) - noise
+    assert torch.allclose(x.grad, expected, atol=ATOL)
+    tgt = (x.detach() + 0.5).requires_grad_(True)
+    noises = (torch.randn_like(x), torch.randn_like(x))
+    fresh_sd.get_pds_loss(x.detach(), tgt, *embeddings, t=300, noise=noises).backward()
+    expected = pds_reference(scheduler, unet, x.detach(), tgt.detach(), *embeddings, 7.5, 300, *noises)
+    assert torch.allclose(tgt.grad, expected, atol=ATOL)
