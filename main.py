@@ -105,6 +105,9 @@ def build_model(args: argparse.Namespace):
     """Return the guidance model that args name (loaded once; run() can reuse it for many prompts)."""
     from guidance import load_model
 
+    if args.model == "toy" and resolve_device(args.device).type == "cpu":
+        # The toy's tensors are tiny: extra CPU threads only spin-wait (a 500-step run: 5 s on 1 thread, 25 s on 2).
+        torch.set_num_threads(1)
     optional = {} if args.lora_lr is None else {"lora_lr": args.lora_lr}
     return load_model(args.model, device=args.device, precision=resolve_precision(args.precision),
                       weighting=args.weighting, vsd_lora_timestep=args.vsd_lora_timestep,
@@ -121,6 +124,7 @@ class RunResult:
     steps_done: int
     losses: list = field(default_factory=list)
     seconds: float = 0.0
+    latents: torch.Tensor | None = None  # the final latents, unclamped (the toy world's image itself)
 
 
 class _ImageWriter:
@@ -160,8 +164,10 @@ def initial_latents(model, args: argparse.Namespace, run_dir: Path):
     return src_latents.clone(), src_latents
 
 
-def run(model, args: argparse.Namespace, progress: bool = True) -> RunResult:
+def run(model, args: argparse.Namespace, progress: bool = True, init_latents: torch.Tensor | None = None) -> RunResult:
     """Return the result of optimising one image with args.loss_type against a loaded model, writing its files.
+
+    init_latents, if given, replaces the starting latents (e.g. SDS started from a source image's latents).
 
     Files: <save_dir>/<name>.png (the result, written last of the images), and in <save_dir>/<name>/:
     run_config.json (every setting; 'status' becomes 'finished' only after the PNG is written),
@@ -183,6 +189,8 @@ def run(model, args: argparse.Namespace, progress: bool = True) -> RunResult:
     uncond = model.get_text_embeds(args.negative_prompt)
     text_embeddings = torch.cat([uncond, model.get_text_embeds(args.prompt)])
     latents, src_latents = initial_latents(model, args, run_dir)
+    if init_latents is not None:
+        latents = init_latents.detach().to(device=model.device, dtype=torch.float32).clone()
     latents.requires_grad_(True)
     if args.loss_type == "pds":
         edit_embeddings = torch.cat([uncond, model.get_text_embeds(args.edit_prompt)])
@@ -243,7 +251,7 @@ def run(model, args: argparse.Namespace, progress: bool = True) -> RunResult:
     config.update(status=status, steps_done=step, seconds=round(seconds, 3),
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S"), image=str(image_path))
     save_json_atomic(config, run_dir / "run_config.json")
-    return RunResult(status, image_path, run_dir, step, losses, seconds)
+    return RunResult(status, image_path, run_dir, step, losses, seconds, latents.detach())
 
 
 def write_progress_gif(run_dir: Path, seconds_per_frame: float = 0.2) -> Path | None:
