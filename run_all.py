@@ -254,11 +254,7 @@ class Batch:
         """Run one item; return its record. A KeyboardInterrupt during the run comes back as status 'interrupted'."""
         import main
 
-        model = self.load_model(args)
-        # Every run starts from the pretrained UNet, as in a fresh process: a VSD run leaves a trained LoRA
-        # behind, which would otherwise steer later SDS/PDS runs and start the next VSD run half-trained.
-        if getattr(model, "lora_optimizer", None) is not None:
-            model.reset_lora()
+        model = self.load_model(args)  # main.run() removes any LoRA an earlier VSD run left on it
         args = copy.copy(args)
         args.device = str(model.device)
         args.process_index, args.num_processes = self.process_index, self.num_processes  # kept in run_config.json
