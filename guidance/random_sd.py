@@ -43,10 +43,15 @@ _TEXT = {
 
 def build_clip_tokenizer():
     """Return CLIP's BPE tokenizer (49408 tokens, 77 max) built offline from the vocabulary open_clip ships."""
-    import open_clip
+    import importlib.util
+
     from transformers import CLIPTokenizer
 
-    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # Locate open_clip's BPE file without importing the package (and its model zoo).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("building the CLIP tokenizer offline needs open_clip_torch: pip install open_clip_torch")
+    bpe_path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
     byte_chars = _bytes_to_unicode()
