@@ -5,12 +5,17 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests start, too
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test models are tiny: a second CPU thread only spin-waits (and on a busy machine costs several times over).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
