@@ -1,0 +1,742 @@
+"""Benchmark every distillation step against its floor, the bare batched UNet forward it cannot avoid.
+
+    python bench.py --model mid --json                      # this CPU: SD 2.1-base's UNet scaled to 36 M params
+    python bench.py --model sd21 --device cuda --precision fp16
+
+Floors: one batch-2 UNet forward (SDS's classifier-free guidance, and VSD's pretrained pass) and one batch-4
+forward (PDS: source and target together), under no_grad. A step is what main.py does per iteration: the
+loss, its backward into the latents and their AdamW step (VSD: the LoRA's training step too). Floors and steps
+run interleaved, round by round, so a change in machine load hits them alike; each time is the median over
+the rounds after warm-up, and each ratio is that median over its floor's median. main.py's own loop runs
+through main.run on the same model, with a bare batch-2 forward timed (and left out of the loop's time)
+before every step, so the loop's ratio compares the same stretch of time: (sum of loop steps) / (sum of floors).
+
+Peak memory is "added over the loaded model": on CUDA, max_memory_allocated minus what the loaded models
+hold; on CPU, the process's peak RSS (VmHWM) minus its RSS once loaded, with freed heap handed back
+(malloc_trim) and the peak reset (/proc/self/clear_refs) before each measurement, so one measurement's
+leftovers never count towards the next.
+
+'tiny', 'mid' and 'sd21' are random-weight Stable Diffusions built from config (guidance/random_sd.py) and
+cached under --cache_dir: a UNet's cost does not depend on its weights.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RANDOM_MODELS = ("tiny", "mid", "sd21")
+# The issue's targets, set for --model mid on a CPU in fp32 (ratio to floor, MB added over the loaded model).
+TARGETS = {"sds": {"ratio": 1.05, "added_mb": 250}, "pds": {"ratio": 1.05, "added_mb": 250},
+           "vsd": {"ratio": 3.0}, "main_loop": {"ratio": 1.10}}
+SD21_FP16_CUDA_MIN_SDS_STEPS_PER_S = 40.0
+PROMPT, EDIT_PROMPT = "a red circle", "a blue square"
+# name -> (label, floor it is compared with)
+FIGURES = {
+    "floor_b2": ("bare UNet forward, batch 2", None),
+    "floor_b4": ("bare UNet forward, batch 4", None),
+    "sds": ("SDS step", "floor_b2"),
+    "pds": ("PDS step", "floor_b4"),
+    "vsd": ("VSD step (LoRA at fresh t)", "floor_b2"),
+    "vsd_shared": ("VSD step (LoRA on shared x_t)", "floor_b2"),
+    "main_loop_nolog": ("main.py loop, logging off", "floor_b2"),
+    "main_loop": ("main.py loop, --log_step {log_step}", "floor_b2"),
+}
+MB = 1e6
+# --variants: what each changes from the command line's settings.
+VARIANTS = {
+    "default": {},
+    "channels_last": {"channels_last": True},
+    "classic_attention": {"attention": "classic"},  # diffusers' AttnProcessor (bmm + softmax) instead of SDPA
+    "fp16": {"precision": "fp16"},
+    "bf16": {"precision": "bf16"},
+    "compile": {"compile": True},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return bench.py's argument parser."""
+    p = argparse.ArgumentParser(description="Time and peak memory of SDS / PDS / VSD steps against the bare UNet forward.")
+    p.add_argument("--model", default="mid", help="tiny | mid | sd21 (random weights, built once and cached) | toy | "
+                                                 "a diffusers folder (default: mid)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed rounds after warm-up (default: 5 on CPU, 30 on CUDA); main.py's loop runs steps + 1 "
+                        "steps without logging and --log_step steps with it")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 1 on CPU, 3 on CUDA)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every figure (the table goes to stderr)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--channels_last", action="store_true", help="UNet in channels_last memory format")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log_step", type=int, default=None, help="main.py's --log_step for its timed loop (default: main.py's, 25)")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--variants", default=None,
+                   help=f"instead of the full benchmark, time the batch-2 floor and the SDS step under each of these "
+                        f"comma-separated variants, interleaved: {', '.join(VARIANTS)}")
+    p.add_argument("--_memory_server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cache_dir", default=None,
+                   help="where random-weight models are built (default: $XDG_CACHE_HOME or ~/.cache, /score-distillation)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Return bench.py's parsed arguments, checked before anything is loaded."""
+    from utils import UserError, resolve_device
+
+    args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)
+    if args.steps is None:
+        args.steps = 30 if args.device.type == "cuda" else 5
+    if args.warmup is None:
+        args.warmup = 3 if args.device.type == "cuda" else 1
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
+    if args.log_step is None:
+        import main as main_py
+
+        args.log_step = main_py.build_parser().get_default("log_step")
+    if args.log_step < 1:
+        raise UserError(f"--log_step {args.log_step} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads} must be at least 1")
+    if args.variants is not None:
+        args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+        unknown = [name for name in args.variants if name not in VARIANTS]
+        if unknown or not args.variants:
+            raise UserError(f"unknown --variants {', '.join(unknown) or '(none)'}: use some of {', '.join(VARIANTS)}")
+    if args.model not in RANDOM_MODELS + ("toy",) and not Path(args.model).expanduser().is_dir():
+        raise UserError(f"unknown model {args.model!r}: use tiny, mid, sd21, toy, or a diffusers folder")
+    return args
+
+
+# ----------------------------------------------------------------------------------------- models
+def cache_root(cache_dir: str | None) -> Path:
+    """Return the folder random-weight models are cached in."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "score-distillation"
+
+
+def model_source(name: str, cache_dir: str | None) -> str:
+    """Return what guidance.load_model takes for a bench model name, building a random-weight folder if needed."""
+    if name not in RANDOM_MODELS:
+        return name if name == "toy" else str(Path(name).expanduser())
+    folder = cache_root(cache_dir) / f"random-sd-{name}"
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        from guidance.random_sd import build_random_sd
+
+        _log(f"building the random-weight {name!r} model in {folder} (once)")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        build_random_sd(partial, name)
+        try:
+            partial.rename(folder)  # atomic: a concurrent build or an interrupted one never leaves half a model
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+    return str(folder)
+
+
+def load(source: str, args: argparse.Namespace):
+    """Return the guidance model for source, as main.py would load it with the same flags."""
+    from guidance import load_model
+    from utils import resolve_precision
+
+    return load_model(source, device=args.device, precision=resolve_precision(args.precision),
+                      channels_last=args.channels_last, compile=args.compile)
+
+
+# ----------------------------------------------------------------------------------------- timing
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    """Return the wall-clock seconds fn() takes, GPU work included."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def make_steps(model, vsd_model) -> dict:
+    """Return name -> callable for each floor and each step, in the order a round runs them.
+
+    Steps use main.py's guidance scales and loss scale; vsd_model is a second instance so that the LoRA VSD
+    adds never touches the UNet the other steps and floors run.
+    """
+    import torch
+
+    import main as main_py
+
+    uncond = model.get_text_embeds("low quality")
+    text_embeddings = torch.cat([uncond, model.get_text_embeds(PROMPT)])
+    edit_embeddings = torch.cat([uncond, model.get_text_embeds(EDIT_PROMPT)])
+    vsd_embeddings = torch.cat([vsd_model.get_text_embeds("low quality"), vsd_model.get_text_embeds(PROMPT)])
+    shape, device = model.latent_shape(1), model.device
+    source = torch.randn(shape, device=device)
+    floor_inputs = {b: (torch.randn(model.latent_shape(b), device=device), text_embeddings.repeat_interleave(b // 2, 0))
+                    for b in (2, 4)}
+
+    def floor(batch: int):
+        x, embeddings = floor_inputs[batch]
+
+        def run():
+            with torch.no_grad():
+                model.predict_eps(x, model.sample_timestep(), embeddings)
+        return run
+
+    def step(loss_fn, before=None):
+        # A small lr keeps the latents in range however many steps the bench takes; cost does not depend on it.
+        latents = torch.randn(shape, device=device).requires_grad_(True)
+        optimizer = torch.optim.AdamW([latents], lr=1e-3, weight_decay=0)
+
+        def run():
+            if before:
+                before()
+            optimizer.zero_grad(set_to_none=True)
+            (main_py.LOSS_SCALE * loss_fn(latents)).backward()
+            optimizer.step()
+        return run
+
+    def lora_timestep(mode):
+        return lambda: setattr(vsd_model, "vsd_lora_timestep", mode)
+
+    scale = {loss: main_py.LOSS_DEFAULTS[loss][0] for loss in main_py.LOSS_DEFAULTS}
+    return {
+        "floor_b2": floor(2),
+        "sds": step(lambda x: model.get_sds_loss(x, text_embeddings, guidance_scale=scale["sds"])),
+        "floor_b4": floor(4),
+        "pds": step(lambda x: model.get_pds_loss(source, x, text_embeddings, edit_embeddings,
+                                                 guidance_scale=scale["pds"])),
+        "vsd": step(lambda x: vsd_model.get_vsd_loss(x, vsd_embeddings, guidance_scale=scale["vsd"]),
+                    before=lora_timestep("fresh")),
+        "vsd_shared": step(lambda x: vsd_model.get_vsd_loss(x, vsd_embeddings, guidance_scale=scale["vsd"]),
+                           before=lora_timestep("shared")),
+    }
+
+
+def time_rounds(steps: dict, rounds: int, warmup: int, device) -> dict:
+    """Return name -> list of seconds, from `rounds` rounds that each run every step once (after `warmup` rounds)."""
+    samples = {name: [] for name in steps}
+    for i in range(warmup + rounds):
+        for name, fn in steps.items():
+            seconds = timed(fn, device)
+            if i >= warmup:
+                samples[name].append(seconds)
+        _log(f"round {i + 1}/{warmup + rounds}" + (" (warm-up)" if i < warmup else "") + ": "
+             + ", ".join(f"{name} {s[-1]:.3f}s" for name, s in samples.items() if s and i >= warmup))
+    return samples
+
+
+class _LoopTimer:
+    """Stands in for the model inside main.run: times the loop's steps, with a bare forward every few steps.
+
+    Before every `floor_every`-th loss it times `floor`, kept out of the loop's time: a step runs from the start
+    of its loss (after any floor) to the start of the next loss (before any floor); the last one ends where
+    main.run decodes the final image.
+    """
+
+    def __init__(self, model, floor, device, floor_every: int = 1):
+        self._model, self._floor, self._device, self._floor_every = model, floor, device, floor_every
+        self.floors, self.step_starts, self.step_ends, self.last_decode = [], [], [], None
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def _before_step(self):
+        _sync(self._device)
+        if self.step_starts:
+            self.step_ends.append(time.perf_counter())
+        if len(self.step_starts) % self._floor_every == 0:
+            self.floors.append(timed(self._floor, self._device))
+        self.step_starts.append(time.perf_counter())
+
+    def get_sds_loss(self, *args, **kwargs):
+        self._before_step()
+        return self._model.get_sds_loss(*args, **kwargs)
+
+    def decode_latents(self, latents):
+        _sync(self._device)
+        self.last_decode = time.perf_counter()
+        return self._model.decode_latents(latents)
+
+    def seconds(self) -> tuple[float, float]:
+        """Return (mean seconds per loop step, mean seconds per floor)."""
+        ends = self.step_ends + [self.last_decode]
+        loop = sum(end - start for start, end in zip(self.step_starts, ends))
+        return loop / len(self.step_starts), sum(self.floors) / len(self.floors)
+
+
+def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step: int, n_steps: int,
+                   floor_every: int = 1) -> dict:
+    """Return {'time_s', 'floor_s', 'steps'} for main.run's SDS loop over n_steps with the given --log_step.
+
+    time_s is the mean step (the loop's periodic logging is part of it), floor_s the mean of the floors timed
+    between its steps.
+    """
+    import main as main_py
+
+    with tempfile.TemporaryDirectory(prefix="bench-main-") as save_dir:
+        run_args = main_py.parse_args(["--prompt", PROMPT, "--loss_type", "sds", "--model", source,
+                                    "--step", str(n_steps), "--log_step", str(log_step), "--save_dir", save_dir,
+                                    "--device", str(args.device), "--precision", args.precision])
+        timer = _LoopTimer(model, floor, args.device, floor_every)
+        result = main_py.run(timer, run_args, progress=False)
+    if result.status != "finished" or len(timer.step_starts) != n_steps or timer.last_decode is None:
+        raise RuntimeError(f"main.run stopped early ({result.status}) after {result.steps_done} of {n_steps} steps")
+    step_s, floor_s = timer.seconds()
+    return {"time_s": step_s, "floor_s": floor_s, "steps": n_steps}
+
+
+# ----------------------------------------------------------------------------------------- memory
+# On CPU each group is measured in a fresh process, so that no measurement inherits another's leftovers (heap
+# the allocator keeps, kernel caches); within a group the step runs after its floor, whose peak it exceeds.
+MEMORY_GROUPS = (("floor_b2", "sds"), ("floor_b4", "pds"), ("vsd",), ("vsd_shared",))
+MEMORY_TIMEOUT_S = 1800
+
+
+def cuda_memory(steps: dict, device, baseline_mb: float, loaded_mb: float) -> dict:
+    """Return {'added_mb': name -> peak MB above baseline_mb} for one call of each step (CUDA, after warm-up).
+
+    baseline_mb is what the bench's loaded models hold, loaded_mb what one of them holds.
+    """
+    import torch
+
+    added = {}
+    for name, fn in steps.items():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        added[name] = torch.cuda.max_memory_allocated(device) / MB - baseline_mb
+    return {"method": "torch.cuda.max_memory_allocated", "loaded_mb": loaded_mb, "added_mb": added}
+
+
+class MemoryServer:
+    """A helper process that loads the model and forks one child per memory group at once; the children then
+    wait, idle, until the timed rounds are over before they measure."""
+
+    def __init__(self, source: str, args: argparse.Namespace):
+        import subprocess
+
+        command = [sys.executable, str(Path(__file__).resolve()), "--_memory_server", "--model", source,
+                   "--device", "cpu", "--precision", args.precision]
+        command += ["--compile"] * args.compile + ["--channels_last"] * args.channels_last
+        command += ["--threads", str(args.threads)] if args.threads else []
+        self.stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                        bufsize=0, start_new_session=True)
+        self._buffer = b""
+
+    def _readline(self, timeout: float) -> str:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(self.process.stdout.fileno(), 65536) if ready else None
+            if not chunk:
+                self.close()
+                raise RuntimeError("the memory helper " + ("timed out" if chunk is None else "died") + ":\n" + self.log_tail())
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def log_tail(self, lines: int = 15) -> str:
+        self.stderr.seek(0)
+        return "\n".join(self.stderr.read().decode(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self) -> None:
+        """Return once every child has loaded its model (so that none is busy while the parent times)."""
+        if self._readline(MEMORY_TIMEOUT_S) != "ready":
+            raise RuntimeError("the memory helper did not start:\n" + self.log_tail())
+
+    def measure(self) -> dict:
+        """Return {'loaded_mb', 'added_mb': name -> MB} measured by the children, one group after another."""
+        added, loaded = {}, None
+        for group in MEMORY_GROUPS:
+            self.process.stdin.write((",".join(group) + "\n").encode())
+            reply = json.loads(self._readline(MEMORY_TIMEOUT_S))
+            if "error" in reply:
+                raise RuntimeError(f"memory of {', '.join(group)}: {reply['error']}\n{self.log_tail()}")
+            added.update(reply["added_mb"])
+            loaded = reply["loaded_mb"] if loaded is None else loaded
+        self.close()
+        return {"method": "peak RSS (VmHWM) of a fresh process per group, minus its RSS once loaded",
+                "loaded_mb": loaded, "added_mb": added}
+
+    def close(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def memory_server(args: argparse.Namespace) -> int:
+    """Serve MemoryServer: load the model, fork one child per group, report 'ready', then measure the groups
+    named on stdin, one at a time."""
+    import traceback
+
+    import torch
+
+    # One thread while loading: then no OpenMP thread pool exists when the children are forked (GNU OpenMP
+    # hangs in a child forked after its parent used one); each child restores the thread count.
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = load(args.model, args)
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints from libraries must not reach the protocol
+    children = {}
+    for group in MEMORY_GROUPS:
+        go_read, go_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(go_write)
+                os.close(reply_read)
+                _memory_child(model, threads, group, os.fdopen(go_read), os.fdopen(reply_write, "w"))
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(go_read)
+        os.close(reply_write)
+        children[",".join(group)] = (pid, os.fdopen(go_write, "w"), os.fdopen(reply_read))
+    failed = {key: f"the process measuring {key} died while loading" for key, (_, _, reply) in children.items()
+              if reply.readline().strip() != "ready"}
+    protocol.write("ready\n")
+    protocol.flush()
+    for line in sys.stdin:
+        key = line.strip()
+        pid, go, reply = children.pop(key)
+        answer = ""
+        if key not in failed:
+            go.write("go\n")
+            go.flush()
+            answer = reply.readline().strip()
+        protocol.write((answer or json.dumps({"error": failed.get(key, f"the process measuring {key} died")})) + "\n")
+        protocol.flush()
+        os.waitpid(pid, 0)
+    return 0
+
+
+def _memory_child(model, threads: int, group: tuple, go, reply) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    steps = make_steps(model, model)
+    libc = ctypes.CDLL("libc.so.6")
+    _touch_weights(model)
+    gc.collect()
+    libc.malloc_trim(0)
+    _reset_peak_rss()  # loading peaks above the loaded model's RSS; that is not the steps' doing
+    loaded_mb = _proc_status_kb("VmRSS") * 1024 / MB
+    reply.write("ready\n")
+    reply.flush()
+    go.readline()
+    added = {}
+    for name in group:
+        steps[name]()  # a fresh process's first step: it pays the one-off costs too, as main.py's does
+        added[name] = _proc_status_kb("VmHWM") * 1024 / MB - loaded_mb
+    reply.write(json.dumps({"loaded_mb": loaded_mb, "added_mb": added}) + "\n")
+    reply.flush()
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+
+
+def _touch_weights(model) -> None:
+    """Read every weight once: safetensors are memory-mapped, so a weight counts in the RSS only once read."""
+    import torch
+
+    with torch.no_grad():
+        for attr in ("unet", "vae", "text_encoder"):
+            module = getattr(model, attr, None)
+            if isinstance(module, torch.nn.Module):
+                for tensor in module.state_dict().values():
+                    tensor.sum()
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+# ----------------------------------------------------------------------------------------- report
+def device_name(device) -> str:
+    """Return the GPU's name, or the CPU's model name and core count."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def summarise(samples: dict, loops: dict, memory: dict | None, context: dict) -> dict:
+    """Return the benchmark's JSON object: every figure with its floor, ratio and memory, and the targets."""
+    figures = {}
+    for name, seconds in samples.items():
+        figures[name] = {"time_s": statistics.median(seconds), "samples_s": seconds}
+        floor = FIGURES[name][1]
+        if floor is not None:
+            # Per round, the step over the floor timed in the same round: load that drifts cancels out.
+            figures[name]["ratio"] = statistics.median(s / f for s, f in zip(seconds, samples[floor]))
+    for name, loop in loops.items():
+        figures[name] = {"time_s": loop["time_s"], "steps": loop["steps"]}
+    for name, figure in figures.items():
+        label, floor = FIGURES[name]
+        figure["label"] = label.format(log_step=context["log_step"])
+        figure["steps_per_s"] = 1.0 / figure["time_s"]
+        if floor is not None:
+            figure["floor"] = floor
+            figure["floor_s"] = loops[name]["floor_s"] if name in loops else figures[floor]["time_s"]
+            figure.setdefault("ratio", figure["time_s"] / figure["floor_s"])
+        if memory is not None and name in memory["added_mb"]:
+            figure["peak_added_mb"] = memory["added_mb"][name]
+    targets = {}
+    for name, target in TARGETS.items():
+        if name in figures:
+            targets[f"{name}_ratio"] = _target(figures[name]["ratio"], target["ratio"], "max")
+            if "added_mb" in target and "peak_added_mb" in figures[name]:
+                targets[f"{name}_added_mb"] = _target(figures[name]["peak_added_mb"], target["added_mb"], "max")
+    if (context["model"], context["device"].split(":")[0], context["precision"]) == ("sd21", "cuda", "fp16"):
+        targets["sds_steps_per_s"] = _target(figures["sds"]["steps_per_s"], SD21_FP16_CUDA_MIN_SDS_STEPS_PER_S, "min")
+    result = dict(context)
+    result["memory"] = None if memory is None else {"method": memory["method"], "loaded_mb": memory["loaded_mb"]}
+    result["figures"] = figures
+    result["targets"] = targets
+    return result
+
+
+def _target(value: float, limit: float, kind: str) -> dict:
+    return {"value": value, kind: limit, "met": value <= limit if kind == "max" else value >= limit}
+
+
+def format_table(result: dict) -> str:
+    """Return the human-readable table of a benchmark result."""
+    head = (f"{result['model']} (UNet {result['unet_params'] / 1e6:.1f} M params, latents {result['latent_shape']}) on "
+            f"{result['device']} ({result['device_name']}, {result['threads']} threads), {result['precision']}"
+            f"{', compiled' if result['compile'] else ''}{', channels_last' if result['channels_last'] else ''}; "
+            f"median of {result['rounds']} rounds after {result['warmup']} warm-up; {result['date']}, load average "
+            f"{result['load_average_start_end'][0]:.1f} at the start, {result['load_average_start_end'][1]:.1f} at the end")
+    lines = [head, f"{'':34s} {'time s':>9s} {'steps/s':>8s} {'x floor':>8s} {'target':>7s} {'peak +MB':>9s} {'target':>7s}"]
+    targets = result["targets"]
+    for name, figure in result["figures"].items():
+        ratio = f"{figure['ratio']:.3f}" if "ratio" in figure else ""
+        mem = f"{figure['peak_added_mb']:.0f}" if "peak_added_mb" in figure else "-"
+        ratio_target = targets.get(f"{name}_ratio")
+        mem_target = targets.get(f"{name}_added_mb")
+        lines.append(f"{figure['label']:34s} {figure['time_s']:9.4f} {figure['steps_per_s']:8.2f} {ratio:>8s} "
+                     f"{_mark(ratio_target, '<=')} {mem:>9s} {_mark(mem_target, '<=')}")
+    if "sds_steps_per_s" in targets:
+        t = targets["sds_steps_per_s"]
+        lines.append(f"SDS steps/s {t['value']:.1f} (target >= {t['min']:.0f}): {'met' if t['met'] else 'MISSED'}")
+    if result["memory"]:
+        lines.append(f"memory: {result['memory']['method']}; the loaded model holds {result['memory']['loaded_mb']:.0f} MB")
+    lines.append(f"bench took {result['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def _mark(target: dict | None, sign: str) -> str:
+    if target is None:
+        return f"{'':>7s}"
+    limit = target.get("max", target.get("min"))
+    return f"{sign}{limit:g}{'' if target['met'] else '!'}".rjust(7)
+
+
+_STARTED = time.perf_counter()
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- main
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Return the benchmark result (see summarise) for parsed arguments."""
+    import torch
+
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = model_source(args.model, args.cache_dir)
+    on_cpu = args.device.type == "cpu"
+    server = MemoryServer(source, args) if on_cpu and not args.no_memory else None
+    try:
+        _log(f"loading {source} twice ({args.device}, {args.precision})")
+        cuda = args.device.type == "cuda"
+        model = load(source, args)
+        loaded_mb = torch.cuda.memory_allocated(args.device) / MB if cuda else None
+        vsd_model = load(source, args)
+        steps = make_steps(model, vsd_model)
+        baseline_mb = torch.cuda.memory_allocated(args.device) / MB if cuda else None
+
+        # Warm-up pays the one-off costs (kernel selection, compilation, the LoRA's creation) before timing,
+        # while the memory helper imports and loads (nothing of it may run once timing starts).
+        time_rounds(steps, 0, args.warmup, args.device)
+        if server is not None:
+            server.wait_ready()
+            _log("memory helper ready")
+        memory = None
+        if args.device.type == "cuda" and not args.no_memory:
+            memory = cuda_memory(steps, args.device, baseline_mb, loaded_mb)
+        samples = time_rounds(steps, args.steps, 0, args.device)
+        loops = {}
+        # Logging off: a floor before every step. Default logging: one --log_step period, a floor every third step.
+        for name, every, n_steps, floor_every in (("main_loop_nolog", 0, args.steps + 1, 1),
+                                                  ("main_loop", args.log_step, args.log_step, 3)):
+            _log(f"main.run: {n_steps} SDS steps, --log_step {every}")
+            loops[name] = time_main_loop(model, steps["floor_b2"], source, args, every, n_steps, floor_every)
+        if server is not None:
+            _log("peak memory: one fresh process per group")
+            memory = server.measure()
+    finally:
+        if server is not None:
+            server.close()
+    if memory is not None:
+        _log("peak MB added: " + ", ".join(f"{k} {v:.0f}" for k, v in memory["added_mb"].items()))
+
+    unet = getattr(model.unet, "_orig_mod", model.unet)
+    context = {
+        "model": args.model, "source": source, "device": str(args.device), "device_name": device_name(args.device),
+        "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
+        "threads": torch.get_num_threads(), "rounds": args.steps, "warmup": args.warmup, "log_step": args.log_step,
+        "unet_params": sum(p.numel() for p in unet.parameters()), "latent_shape": list(model.latent_shape(1)),
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_average_start_end": [load_start, os.getloadavg()[0]],
+    }
+    result = summarise(samples, loops, memory, context)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def run_variants(args: argparse.Namespace) -> dict:
+    """Return {'variants': name -> figures} timing the batch-2 floor and the SDS step under each variant.
+
+    Every variant is its own loaded model; rounds interleave them, and each speed-up is the median over rounds
+    of the first variant's time over this variant's, from the same round.
+    """
+    import torch
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = model_source(args.model, args.cache_dir)
+    steps, errors = {}, {}
+    for name in args.variants:
+        settings = dict(VARIANTS[name])
+        attention = settings.pop("attention", None)
+        variant_args = argparse.Namespace(**{**vars(args), **settings})
+        _log(f"loading variant {name}")
+        try:
+            model = load(source, variant_args)
+            if attention == "classic":
+                from diffusers.models.attention_processor import AttnProcessor
+
+                getattr(model.unet, "_orig_mod", model.unet).set_attn_processor(AttnProcessor())
+            variant_steps = make_steps(model, model)
+            steps[name] = {"floor_b2": variant_steps["floor_b2"], "sds": variant_steps["sds"]}
+            for _ in range(max(1, args.warmup)):
+                for fn in steps[name].values():
+                    fn()
+        except Exception as err:  # e.g. a precision this device does not support: report it, time the others
+            errors[name] = f"{err.__class__.__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            steps.pop(name, None)
+            _log(f"variant {name} failed: {errors[name]}")
+    flat = {f"{name}/{item}": fn for name, items in steps.items() for item, fn in items.items()}
+    samples = time_rounds(flat, args.steps, 0, args.device)
+    reference = next(iter(steps), None)
+    variants = {}
+    for name in args.variants:
+        if name in errors:
+            variants[name] = {"error": errors[name]}
+            continue
+        figure = {}
+        for item in ("floor_b2", "sds"):
+            mine, ref = samples[f"{name}/{item}"], samples[f"{reference}/{item}"]
+            figure[f"{item}_s"] = statistics.median(mine)
+            figure[f"{item}_samples_s"] = mine
+            figure[f"{item}_speedup"] = statistics.median(r / m for r, m in zip(ref, mine))
+        variants[name] = figure
+    return {"model": args.model, "device": str(args.device), "device_name": device_name(args.device),
+            "precision": args.precision, "threads": torch.get_num_threads(), "rounds": args.steps,
+            "reference": reference, "variants": variants, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - started}
+
+
+def format_variants(result: dict) -> str:
+    """Return the human-readable table of a --variants result."""
+    lines = [f"{result['model']} on {result['device']} ({result['device_name']}, {result['threads']} threads), "
+             f"{result['precision']} unless the variant says otherwise; median of {result['rounds']} rounds; "
+             f"speed-up over {result['reference']}, per round; {result['date']}",
+             f"{'variant':20s} {'floor b2 s':>11s} {'speed-up':>9s} {'SDS step s':>11s} {'speed-up':>9s}"]
+    for name, figure in result["variants"].items():
+        if "error" in figure:
+            lines.append(f"{name:20s} failed: {figure['error']}")
+        else:
+            lines.append(f"{name:20s} {figure['floor_b2_s']:11.4f} {figure['floor_b2_speedup']:9.3f} "
+                         f"{figure['sds_s']:11.4f} {figure['sds_speedup']:9.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; print the table (and with --json one JSON object on stdout). Return the exit code."""
+    args = parse_args(argv)
+    if args._memory_server:
+        return memory_server(args)
+    if args.model == "toy":
+        try:
+            import guidance.toy  # noqa: F401
+        except Exception as err:  # the toy world is optional: report and skip
+            print(f"bench: skipped --model toy: guidance.toy does not import ({err.__class__.__name__}: {err})",
+                  file=sys.stderr)
+            return 0
+    if args.variants:
+        result = run_variants(args)
+        table = format_variants(result)
+    else:
+        result = run_benchmark(args)
+        table = format_table(result)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(result, indent=1))
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    from utils import run_cli
+
+    run_cli(main)

@@ -1,0 +1,107 @@
+"""bench.py on the tiny model: every figure is there and sane, each ratio is its step over its floor.
+
+Speed itself is never asserted here (STYLE.md): the figures are published from bench.py runs.
+"""
+import json
+import math
+import statistics
+
+import pytest
+
+import bench
+from utils import UserError, run_cli
+
+ROUND_FIGURES = ("floor_b2", "sds", "floor_b4", "pds", "vsd", "vsd_shared")
+LOOP_FIGURES = ("main_loop_nolog", "main_loop")
+
+
+@pytest.fixture(scope="module")
+def result(tiny_sd_dir):
+    """Return bench.py's JSON for the tiny model: 2 rounds, main.py's loop logging every 2 steps."""
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = bench.main(["--model", str(tiny_sd_dir), "--device", "cpu", "--steps", "2", "--warmup", "1",
+                           "--log_step", "2", "--json"])
+    assert code == 0
+    return json.loads(out.getvalue())
+
+
+def test_every_figure_is_reported_with_positive_times(result):
+    assert set(result["figures"]) == set(ROUND_FIGURES + LOOP_FIGURES)
+    for name, figure in result["figures"].items():
+        assert figure["time_s"] > 0 and math.isfinite(figure["time_s"]), name
+        assert figure["steps_per_s"] == pytest.approx(1 / figure["time_s"])
+    for name in ROUND_FIGURES:
+        samples = result["figures"][name]["samples_s"]
+        assert len(samples) == 2 and all(s > 0 for s in samples)
+        assert result["figures"][name]["time_s"] == pytest.approx(statistics.median(samples))
+    assert result["figures"]["main_loop_nolog"]["steps"] == 3  # --steps + 1
+    assert result["figures"]["main_loop"]["steps"] == 2  # one --log_step period
+    assert (result["model"], result["device"], result["precision"], result["rounds"]) == (
+        result["source"], "cpu", "fp32", 2)
+    assert result["unet_params"] > 0 and result["latent_shape"][0] == 1
+
+
+def test_each_ratio_is_the_step_over_its_floor(result):
+    figures = result["figures"]
+    expected_floor = {"sds": "floor_b2", "pds": "floor_b4", "vsd": "floor_b2", "vsd_shared": "floor_b2",
+                      "main_loop_nolog": "floor_b2", "main_loop": "floor_b2"}
+    for name, floor in expected_floor.items():
+        figure = figures[name]
+        assert figure["floor"] == floor
+        if name in ROUND_FIGURES:  # interleaved rounds: per round, the step over that round's floor
+            per_round = [s / f for s, f in zip(figure["samples_s"], figures[floor]["samples_s"])]
+            assert figure["ratio"] == pytest.approx(statistics.median(per_round), rel=1e-12)
+            assert figure["floor_s"] == figures[floor]["time_s"]
+        else:  # main.py's loop: its mean step over the mean of the floors timed between its steps
+            assert figure["ratio"] == pytest.approx(figure["time_s"] / figure["floor_s"], rel=1e-12)
+            assert figure["floor_s"] > 0
+    assert "ratio" not in figures["floor_b2"] and "ratio" not in figures["floor_b4"]
+
+
+def test_memory_and_targets_are_consistent(result):
+    assert result["memory"]["loaded_mb"] > 100  # torch + two loaded models
+    for name in ROUND_FIGURES:
+        added = result["figures"][name]["peak_added_mb"]
+        assert -50 < added < 2000, (name, added)  # the tiny model's steps add little over the loaded models
+    targets = result["targets"]
+    assert set(targets) == {"sds_ratio", "sds_added_mb", "pds_ratio", "pds_added_mb", "vsd_ratio", "main_loop_ratio"}
+    assert targets["sds_ratio"]["value"] == result["figures"]["sds"]["ratio"]
+    assert targets["pds_added_mb"]["value"] == result["figures"]["pds"]["peak_added_mb"]
+    for target in targets.values():
+        assert target["met"] == (target["value"] <= target["max"])
+
+
+def test_table_names_every_figure(result):
+    table = bench.format_table(result)
+    for figure in result["figures"].values():
+        assert figure["label"] in table
+    assert "--log_step 2" in table
+
+
+def test_bad_model_fails_fast_with_its_name(capsys):
+    with pytest.raises(UserError, match="no-such-model"):
+        bench.parse_args(["--model", "no-such-model", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: bench.main(["--model", "no-such-model", "--device", "cpu"]))
+    assert exit_info.value.code == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_toy_model_runs_or_is_skipped(capsys):
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = bench.main(["--model", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--log_step", "1",
+                           "--no_memory", "--json"])
+    assert code == 0
+    if out.getvalue():
+        figures = json.loads(out.getvalue())["figures"]
+        assert figures["sds"]["ratio"] > 0 and figures["vsd"]["ratio"] > 0
+    else:
+        assert "skipped --model toy" in capsys.readouterr().err
