@@ -6,15 +6,16 @@
 Floors: one batch-2 UNet forward (SDS's classifier-free guidance, and VSD's pretrained pass) and one batch-4
 forward (PDS: source and target together), under no_grad. A step is what main.py does per iteration: the
 loss, its backward into the latents and their AdamW step (VSD: the LoRA's training step too). Floors and steps
-run interleaved, round by round, so a change in machine load hits them alike; each time is the median over
-the rounds after warm-up, and each ratio is that median over its floor's median. main.py's own loop runs
-through main.run on the same model, with a bare batch-2 forward timed (and left out of the loop's time)
-before every step, so the loop's ratio compares the same stretch of time: (sum of loop steps) / (sum of floors).
+run interleaved, round by round, after warm-up. Each time is the median over rounds; each ratio is the median
+over rounds of step / floor within the round, so that load drifting between rounds cancels out. main.py's
+own loop runs through main.run on the same model, with a bare batch-2 forward timed (and left out of the
+loop's time) every step or every third step; its ratio is its mean step over the mean of those floors, so
+the periodic logging counts in full.
 
-Peak memory is "added over the loaded model": on CUDA, max_memory_allocated minus what the loaded models
-hold; on CPU, the process's peak RSS (VmHWM) minus its RSS once loaded, with freed heap handed back
-(malloc_trim) and the peak reset (/proc/self/clear_refs) before each measurement, so one measurement's
-leftovers never count towards the next.
+Peak memory is "added over the loaded model". On CPU each method runs in its own process, forked from a
+helper that loaded the model once, and counts its peak RSS (VmHWM, reset through /proc/self/clear_refs once
+loaded) minus its RSS once loaded with every weight read (safetensors are memory-mapped: a weight is
+resident only once read). On CUDA: max_memory_allocated minus what the loaded models hold.
 
 'tiny', 'mid' and 'sd21' are random-weight Stable Diffusions built from config (guidance/random_sd.py) and
 cached under --cache_dir: a UNet's cost does not depend on its weights.
@@ -61,6 +62,7 @@ VARIANTS = {
     "fp16": {"precision": "fp16"},
     "bf16": {"precision": "bf16"},
     "compile": {"compile": True},
+    "cudnn_benchmark": {"cudnn_benchmark": True},  # cuDNN picks its fastest convolution per shape (CUDA only)
 }
 
 
@@ -657,6 +659,7 @@ def run_variants(args: argparse.Namespace) -> dict:
     for name in args.variants:
         settings = dict(VARIANTS[name])
         attention = settings.pop("attention", None)
+        cudnn_benchmark = settings.pop("cudnn_benchmark", False)
         variant_args = argparse.Namespace(**{**vars(args), **settings})
         _log(f"loading variant {name}")
         try:
@@ -666,7 +669,8 @@ def run_variants(args: argparse.Namespace) -> dict:
 
                 getattr(model.unet, "_orig_mod", model.unet).set_attn_processor(AttnProcessor())
             variant_steps = make_steps(model, model)
-            steps[name] = {"floor_b2": variant_steps["floor_b2"], "sds": variant_steps["sds"]}
+            steps[name] = {item: _with_cudnn_benchmark(variant_steps[item]) if cudnn_benchmark else variant_steps[item]
+                           for item in ("floor_b2", "sds")}
             for _ in range(max(1, args.warmup)):
                 for fn in steps[name].values():
                     fn()
@@ -693,6 +697,15 @@ def run_variants(args: argparse.Namespace) -> dict:
             "precision": args.precision, "threads": torch.get_num_threads(), "rounds": args.steps,
             "reference": reference, "variants": variants, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - started}
+
+
+def _with_cudnn_benchmark(fn):
+    import torch
+
+    def run():
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True):
+            fn()
+    return run
 
 
 def format_variants(result: dict) -> str:

@@ -105,3 +105,25 @@ def test_toy_model_runs_or_is_skipped(capsys):
         assert figures["sds"]["ratio"] > 0 and figures["vsd"]["ratio"] > 0
     else:
         assert "skipped --model toy" in capsys.readouterr().err
+
+
+def test_variants_time_the_floor_and_sds_of_each(tiny_sd_dir):
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = bench.main(["--model", str(tiny_sd_dir), "--device", "cpu", "--steps", "2", "--warmup", "0",
+                           "--variants", "default,channels_last,classic_attention", "--json"])
+    assert code == 0
+    result = json.loads(out.getvalue())
+    assert result["reference"] == "default" and list(result["variants"]) == ["default", "channels_last",
+                                                                             "classic_attention"]
+    for name, figure in result["variants"].items():
+        for item in ("floor_b2", "sds"):
+            mine, ref = figure[f"{item}_samples_s"], result["variants"]["default"][f"{item}_samples_s"]
+            assert len(mine) == 2 and all(s > 0 for s in mine)
+            assert figure[f"{item}_speedup"] == pytest.approx(statistics.median(r / m for r, m in zip(ref, mine)))
+    assert result["variants"]["default"]["floor_b2_speedup"] == 1.0
+    with pytest.raises(UserError, match="warp_speed"):
+        bench.parse_args(["--model", str(tiny_sd_dir), "--device", "cpu", "--variants", "default,warp_speed"])
