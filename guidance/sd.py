@@ -315,6 +315,13 @@ class StableDiffusion(ScoreDistillation):
         self.model_name = str(model)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._load(str(model))
+        if self.device.type == "cpu":
+            # Feed-forwards take one sample at a time: same arithmetic, but their GEGLU activation, the largest
+            # of the forward, shrinks by the batch size (PDS's batch-4 forward peaks ~40% lower) at no cost in
+            # time on a CPU (BENCHMARKS.md); on a GPU the extra kernel launches would cost time.
+            for module in self.unet.modules():
+                if hasattr(module, "set_chunk_feed_forward"):
+                    module.set_chunk_feed_forward(1, 0)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if compile:
