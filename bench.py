@@ -9,8 +9,8 @@ loss, its backward into the latents and their AdamW step (VSD: the LoRA's traini
 run interleaved, round by round, after warm-up. Each time is the median over rounds; each ratio is the median
 over rounds of step / floor within the round, so that load drifting between rounds cancels out. main.py's
 own loop runs through main.run on the same model, with a bare batch-2 forward timed (and left out of the
-loop's time) every step or every third step; its ratio is its mean step over the mean of those floors, so
-the periodic logging counts in full.
+loop's time) before every step; its ratio is its median step, plus a logging step's extra time spread over
+the --log_step steps it serves, over the median of those floors.
 
 Peak memory is "added over the loaded model". On CPU each method runs in its own process, forked from a
 helper that loaded the model once, and counts its peak RSS (VmHWM, reset through /proc/self/clear_refs once
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--steps", type=int, default=None,
                    help="timed rounds after warm-up (default: 5 on CPU, 30 on CUDA); main.py's loop runs steps + 1 "
-                        "steps without logging and --log_step steps with it")
+                        "steps without logging, and as many with it")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 1 on CPU, 3 on CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure (the table goes to stderr)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -246,15 +246,14 @@ def time_rounds(steps: dict, rounds: int, warmup: int, device) -> dict:
 
 
 class _LoopTimer:
-    """Stands in for the model inside main.run: times the loop's steps, with a bare forward every few steps.
+    """Stands in for the model inside main.run: times the loop's steps, with a bare forward before each.
 
-    Before every `floor_every`-th loss it times `floor`, kept out of the loop's time: a step runs from the start
-    of its loss (after any floor) to the start of the next loss (before any floor); the last one ends where
-    main.run decodes the final image.
+    Before every loss it times `floor`, kept out of the loop's time: a step runs from the start of its loss
+    (after its floor) to the start of the next floor; the last one ends where main.run decodes the final image.
     """
 
-    def __init__(self, model, floor, device, floor_every: int = 1):
-        self._model, self._floor, self._device, self._floor_every = model, floor, device, floor_every
+    def __init__(self, model, floor, device):
+        self._model, self._floor, self._device = model, floor, device
         self.floors, self.step_starts, self.step_ends, self.last_decode = [], [], [], None
 
     def __getattr__(self, name):
@@ -264,8 +263,7 @@ class _LoopTimer:
         _sync(self._device)
         if self.step_starts:
             self.step_ends.append(time.perf_counter())
-        if len(self.step_starts) % self._floor_every == 0:
-            self.floors.append(timed(self._floor, self._device))
+        self.floors.append(timed(self._floor, self._device))
         self.step_starts.append(time.perf_counter())
 
     def get_sds_loss(self, *args, **kwargs):
@@ -277,19 +275,17 @@ class _LoopTimer:
         self.last_decode = time.perf_counter()
         return self._model.decode_latents(latents)
 
-    def seconds(self) -> tuple[float, float]:
-        """Return (mean seconds per loop step, mean seconds per floor)."""
-        ends = self.step_ends + [self.last_decode]
-        loop = sum(end - start for start, end in zip(self.step_starts, ends))
-        return loop / len(self.step_starts), sum(self.floors) / len(self.floors)
+    def step_seconds(self) -> list:
+        """Return the seconds of each loop step."""
+        return [end - start for start, end in zip(self.step_starts, self.step_ends + [self.last_decode])]
 
 
-def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step: int, n_steps: int,
-                   floor_every: int = 1) -> dict:
-    """Return {'time_s', 'floor_s', 'steps'} for main.run's SDS loop over n_steps with the given --log_step.
+def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step: int, n_steps: int) -> dict:
+    """Return {'time_s', 'floor_s', 'steps', ...} for main.run's SDS loop over n_steps with the given --log_step.
 
-    time_s is the mean step (the loop's periodic logging is part of it), floor_s the mean of the floors timed
-    between its steps.
+    Medians, so that a burst of load does not decide: time_s is the median step plus what a logging step takes
+    beyond it, spread over the --log_step steps it serves (the loop's periodic logging counts in full, even
+    when n_steps < log_step); floor_s is the median of the floors timed between its steps.
     """
     import main as main_py
 
@@ -297,12 +293,15 @@ def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step
         run_args = main_py.parse_args(["--prompt", PROMPT, "--loss_type", "sds", "--model", source,
                                     "--step", str(n_steps), "--log_step", str(log_step), "--save_dir", save_dir,
                                     "--device", str(args.device), "--precision", args.precision])
-        timer = _LoopTimer(model, floor, args.device, floor_every)
+        timer = _LoopTimer(model, floor, args.device)
         result = main_py.run(timer, run_args, progress=False)
     if result.status != "finished" or len(timer.step_starts) != n_steps or timer.last_decode is None:
         raise RuntimeError(f"main.run stopped early ({result.status}) after {result.steps_done} of {n_steps} steps")
-    step_s, floor_s = timer.seconds()
-    return {"time_s": step_s, "floor_s": floor_s, "steps": n_steps}
+    step_seconds = timer.step_seconds()
+    typical = statistics.median(step_seconds)
+    logging = statistics.fmean(step_seconds[i] - typical for i in range(0, n_steps, log_step)) if log_step else 0.0
+    return {"time_s": typical + logging / max(log_step, 1), "floor_s": statistics.median(timer.floors), "steps": n_steps,
+            "samples_s": step_seconds, "floor_samples_s": timer.floors}
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -515,7 +514,8 @@ def summarise(samples: dict, loops: dict, memory: dict | None, context: dict) ->
             # Per round, the step over the floor timed in the same round: load that drifts cancels out.
             figures[name]["ratio"] = statistics.median(s / f for s, f in zip(seconds, samples[floor]))
     for name, loop in loops.items():
-        figures[name] = {"time_s": loop["time_s"], "steps": loop["steps"]}
+        figures[name] = {"time_s": loop["time_s"], "samples_s": loop["samples_s"], "steps": loop["steps"],
+                         "floor_samples_s": loop["floor_samples_s"]}
     for name, figure in figures.items():
         label, floor = FIGURES[name]
         figure["label"] = label.format(log_step=context["log_step"])
@@ -604,22 +604,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         steps = make_steps(model, vsd_model)
         baseline_mb = torch.cuda.memory_allocated(args.device) / MB if cuda else None
 
-        # Warm-up pays the one-off costs (kernel selection, compilation, the LoRA's creation) before timing,
-        # while the memory helper imports and loads (nothing of it may run once timing starts).
-        time_rounds(steps, 0, args.warmup, args.device)
-        if server is not None:
+        if server is not None:  # it loaded while we did; now it waits, idle, until timing is over
             server.wait_ready()
             _log("memory helper ready")
+        # Warm-up pays the one-off costs (kernel selection, compilation, the LoRA's creation) before timing.
+        time_rounds(steps, 0, args.warmup, args.device)
         memory = None
         if args.device.type == "cuda" and not args.no_memory:
             memory = cuda_memory(steps, args.device, baseline_mb, loaded_mb)
         samples = time_rounds(steps, args.steps, 0, args.device)
         loops = {}
-        # Logging off: a floor before every step. Default logging: one --log_step period, a floor every third step.
-        for name, every, n_steps, floor_every in (("main_loop_nolog", 0, args.steps + 1, 1),
-                                                  ("main_loop", args.log_step, args.log_step, 3)):
-            _log(f"main.run: {n_steps} SDS steps, --log_step {every}")
-            loops[name] = time_main_loop(model, steps["floor_b2"], source, args, every, n_steps, floor_every)
+        for name, every in (("main_loop_nolog", 0), ("main_loop", args.log_step)):
+            _log(f"main.run: {args.steps + 1} SDS steps, --log_step {every}")
+            loops[name] = time_main_loop(model, steps["floor_b2"], source, args, every, args.steps + 1)
         if server is not None:
             _log("peak memory: one fresh process per group")
             memory = server.measure()
