@@ -62,6 +62,10 @@ class NoiseSchedule:
         abar = self.alpha_bar(t)
         return math.sqrt(abar) * v + math.sqrt(1.0 - abar) * x_t
 
+    def eps_from_v_table(self) -> torch.Tensor:
+        """Return the [T, 2] float64 table of eps_from_v's coefficients (sqrt(abar_t), sqrt(1 - abar_t)) for every t."""
+        return torch.stack([self.alphas_cumprod.sqrt(), (1.0 - self.alphas_cumprod).sqrt()], dim=1)
+
     def posterior_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
         """Return (c_x0, c_xt, sigma_t) of q(x_{t_prev} | x_t, x0) = N(c_x0 x0 + c_xt x_t, sigma_t^2 I).
 

