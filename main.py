@@ -29,11 +29,13 @@ LOSS_TYPES = ("sds", "pds", "vsd")
 LOSS_DEFAULTS = {"sds": (25.0, 500), "pds": (7.5, 200), "vsd": (7.5, 500)}
 LOSS_SCALE = 2000.0  # the course multiplies every loss by 2000 before backward
 WARMUP_STEPS = 100
+# Steps between reads of the loss (each read waits for the device): every step on a CPU, where it costs nothing.
+LOSS_READ_EVERY = {"cpu": 1, "default": 25}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return main.py's argument parser (the course skeleton's flags plus ours)."""
-    from guidance.sd import DEFAULT_MODEL, VSD_LORA_TIMESTEPS
+    from guidance.sd import DEFAULT_MODEL, ON_OFF_AUTO, VSD_LORA_TIMESTEPS
     from guidance.schedule import WEIGHTINGS
 
     p = CliParser(description="Score distillation (SDS / PDS / VSD) on Stable Diffusion or the toy world.")
@@ -56,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_lr", type=float, default=None, help="VSD: AdamW learning rate of the LoRA (default: the model's, 1e-4 for SD)")
     p.add_argument("--vsd_lora_timestep", type=str, default="fresh", choices=VSD_LORA_TIMESTEPS,
                    help="VSD: train the LoRA at a fresh t (default) or on the same x_t as the gradient (faster)")
-    p.add_argument("--channels_last", action="store_true", help="UNet in channels_last memory format")
+    p.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=ON_OFF_AUTO,
+                   help="UNet in channels_last memory format (auto: on CUDA devices; --channels_last alone: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--cuda_graphs", type=str, default="auto", choices=ON_OFF_AUTO,
+                   help="replay the UNet's calls as CUDA graphs (auto: on CUDA devices, unless --compile)")
     p.add_argument("--gif", action="store_true", help="also write <save_dir>/<name>/progress.gif from the progress images")
     return p
 
@@ -91,7 +96,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.num_particles != 1:
             raise UserError(f"--num_particles {args.num_particles}: PDS edits one image; particles are for sds/vsd")
         load_image(args.src_img_path)  # a missing or unreadable image fails here, not after loading the model
-    resolve_device(args.device)
+    from guidance.sd import resolve_channels_last, resolve_cuda_graphs
+
+    device = resolve_device(args.device)
+    resolve_cuda_graphs(args.cuda_graphs, device, args.compile)
+    resolve_channels_last(args.channels_last, device)
     check_writable_dir(args.save_dir)
     return args
 
@@ -111,7 +120,8 @@ def build_model(args: argparse.Namespace):
     optional = {} if args.lora_lr is None else {"lora_lr": args.lora_lr}
     return load_model(args.model, device=args.device, precision=resolve_precision(args.precision),
                       weighting=args.weighting, vsd_lora_timestep=args.vsd_lora_timestep,
-                      channels_last=args.channels_last, compile=args.compile, **optional)
+                      channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                      **optional)
 
 
 @dataclass
@@ -207,21 +217,35 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
     scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, int(args.step * 1.5))
     writer = _ImageWriter()
     losses, status, step, started = [], "finished", 0, time.perf_counter()
+    # Reading a loss back (.item()) makes the CPU wait for the GPU to finish the step, so the next step's kernels
+    # cannot be queued meanwhile: on a GPU losses are read once per window of steps, and the latents at the start
+    # of each window are kept, so that a loss that turns NaN/inf still leaves the last image read as finite.
+    read_every = LOSS_READ_EVERY.get(latents.device.type, LOSS_READ_EVERY["default"])
+    pending, window_start, window_latents = [], 0, None
     bar = tqdm(range(args.step), desc=f"{args.loss_type} {name[:32]}", disable=not progress, dynamic_ncols=True)
     try:
         for step in bar:
+            if not pending:
+                window_start = step
+                if read_every > 1:
+                    window_latents = latents.detach().clone()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                status = "diverged"
-                break
+            pending.append(loss.detach())
+            if len(pending) == read_every or step == args.step - 1:
+                values, pending = torch.stack(pending).tolist(), []
+                bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+                if bad is not None:
+                    losses.extend(values[:bad])
+                    status, step = "diverged", window_start + bad
+                    if window_latents is not None:  # later steps of the window already took the NaN gradients
+                        latents.data.copy_(window_latents)
+                    break
+                losses.extend(values)
+                bar.set_postfix(loss=f"{values[-1]:.4g}", refresh=False)
             (LOSS_SCALE * loss).backward()
             optimizer.step()
             scheduler.step()
-            losses.append(loss_value)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
             if args.log_step and step % args.log_step == 0:
                 writer.save(model.decode_latents(latents.detach()), run_dir / "progress" / f"step_{step:05d}.png",
                             compress_level=1)
@@ -229,6 +253,7 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
             step = args.step
     except KeyboardInterrupt:
         status = "interrupted"
+        losses.extend(torch.stack(pending).tolist()[:step - len(losses)] if pending else [])
     finally:
         bar.close()
     if status == "finished" and not torch.isfinite(latents).all():

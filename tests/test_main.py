@@ -98,6 +98,35 @@ def test_nan_loss_stops_and_keeps_last_finite_image(tiny_sd, tmp_path, monkeypat
     assert record["status"] == "diverged" and record["steps_done"] == 2
 
 
+def test_a_nan_inside_a_read_window_keeps_the_windows_first_latents(tiny_sd, tmp_path, monkeypatch):
+    # On a GPU main.py reads losses once per window (LOSS_READ_EVERY); here windows of 4 steps on the CPU.
+    monkeypatch.setattr(main, "LOSS_READ_EVERY", {"cpu": 4, "default": 4})
+
+    def args(save_dir, steps):
+        return main.parse_args(["--prompt", "a cat", "--step", str(steps), "--log_step", "0",
+                                "--save_dir", str(tmp_path / save_dir)])
+
+    clean = main.run(tiny_sd, args("clean", 4), progress=False)
+    calls = {"n": 0}
+    real = tiny_sd.get_sds_loss
+
+    def nan_at_step_6(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(tiny_sd, "get_sds_loss", nan_at_step_6)
+    result = main.run(tiny_sd, args("nan", 10), progress=False)
+    # steps 4, 5 and 6 ran before the window's losses were read at step 7: the NaN is found at step 6, and the
+    # latents go back to the window's start (after steps 0-3), the last ones whose losses were all read finite
+    assert calls["n"] == 8
+    assert result.status == "diverged" and result.steps_done == 6
+    assert result.losses[:4] == pytest.approx(clean.losses) and len(result.losses) == 6
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert torch.equal(result.latents, clean.latents)
+    assert result.image_path.name == "last_finite.png" and result.image_path.is_file()
+
+
 def test_ctrl_c_saves_the_current_image(tiny_sd, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real = tiny_sd.get_sds_loss
