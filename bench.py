@@ -50,6 +50,8 @@ FIGURES = {
     "pds": ("PDS step", "floor_b4"),
     "vsd": ("VSD step (LoRA at fresh t)", "floor_b2"),
     "vsd_shared": ("VSD step (LoRA on shared x_t)", "floor_b2"),
+    "lora_forward": ("  VSD part: LoRA forward (no grad)", None),
+    "lora_train": ("  VSD part: LoRA training step", None),
     "main_loop_nolog": ("main.py loop, logging off", "floor_b2"),
     "main_loop": ("main.py loop, --log_step {log_step}", "floor_b2"),
 }
@@ -57,11 +59,14 @@ MB = 1e6
 # --variants: what each changes from the command line's settings.
 VARIANTS = {
     "default": {},
-    "channels_last": {"channels_last": True},
+    "channels_last": {"channels_last": "on"},
+    "contiguous": {"channels_last": "off"},  # the UNet in the default (NCHW) memory format
     "classic_attention": {"attention": "classic"},  # diffusers' AttnProcessor (bmm + softmax) instead of SDPA
     "fp16": {"precision": "fp16"},
     "bf16": {"precision": "bf16"},
     "compile": {"compile": True},
+    "cuda_graphs": {"cuda_graphs": "on"},  # the UNet's calls replayed as CUDA graphs (CUDA only; the default there)
+    "no_cuda_graphs": {"cuda_graphs": "off"},
     "cudnn_benchmark": {"cudnn_benchmark": True},  # cuDNN picks its fastest convolution per shape (CUDA only)
 }
 
@@ -79,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 1 on CPU, 3 on CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure (the table goes to stderr)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    p.add_argument("--channels_last", action="store_true", help="UNet in channels_last memory format")
+    p.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="UNet in channels_last memory format, as main.py (auto: on CUDA; --channels_last alone: on)")
+    p.add_argument("--cuda_graphs", default="auto", choices=("auto", "on", "off"),
+                   help="replay the UNet's calls as CUDA graphs, as main.py does (auto: on CUDA, unless --compile)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log_step", type=int, default=None, help="main.py's --log_step for its timed loop (default: main.py's, 25)")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurements")
@@ -112,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--log_step {args.log_step} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads} must be at least 1")
+    from guidance.sd import resolve_cuda_graphs
+
+    resolve_cuda_graphs(args.cuda_graphs, args.device, args.compile)  # a bad combination fails before loading
     if args.variants is not None:
         args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
         unknown = [name for name in args.variants if name not in VARIANTS]
@@ -155,7 +166,7 @@ def load(source: str, args: argparse.Namespace):
     from utils import resolve_precision
 
     return load_model(source, device=args.device, precision=resolve_precision(args.precision),
-                      channels_last=args.channels_last, compile=args.compile)
+                      channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs)
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -215,6 +226,14 @@ def make_steps(model, vsd_model) -> dict:
             optimizer.step()
         return run
 
+    vsd_cond = vsd_embeddings.chunk(2)[1]
+    lora_latents = torch.randn(shape, device=device)
+
+    def lora_forward():
+        vsd_model.enable_lora()
+        with torch.no_grad():
+            vsd_model.predict_eps(lora_latents, vsd_model.sample_timestep(), vsd_cond)
+
     def lora_timestep(mode):
         return lambda: setattr(vsd_model, "vsd_lora_timestep", mode)
 
@@ -229,6 +248,10 @@ def make_steps(model, vsd_model) -> dict:
                     before=lora_timestep("fresh")),
         "vsd_shared": step(lambda x: vsd_model.get_vsd_loss(x, vsd_embeddings, guidance_scale=scale["vsd"]),
                            before=lora_timestep("shared")),
+        # VSD's own UNet work besides its batch-2 floor: the LoRA's forward at the particles' x_t, and its
+        # training step at a fresh t (forward with autograd, backward, AdamW), each alone.
+        "lora_forward": lora_forward,
+        "lora_train": lambda: vsd_model.train_lora(lora_latents, vsd_cond),
     }
 
 
@@ -255,11 +278,18 @@ class _LoopTimer:
     def __init__(self, model, floor, device):
         self._model, self._floor, self._device = model, floor, device
         self.floors, self.step_starts, self.step_ends, self.last_decode = [], [], [], None
+        self.loop_start = None
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
     def _before_step(self):
+        if self._floor is None:  # whole-loop timing: no sync, no floor, only the time the first loss starts
+            if self.loop_start is None:
+                _sync(self._device)
+                self.loop_start = time.perf_counter()
+            self.step_starts.append(None)
+            return
         _sync(self._device)
         if self.step_starts:
             self.step_ends.append(time.perf_counter())
@@ -283,11 +313,19 @@ class _LoopTimer:
 def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step: int, n_steps: int) -> dict:
     """Return {'time_s', 'floor_s', 'steps', ...} for main.run's SDS loop over n_steps with the given --log_step.
 
-    Medians, so that a burst of load does not decide: time_s is the median step plus what a logging step takes
-    beyond it, spread over the --log_step steps it serves (the loop's periodic logging counts in full, even
+    CPU: medians, so that a burst of load does not decide: time_s is the median step plus what a logging step
+    takes beyond it, spread over the --log_step steps it serves (the loop's periodic logging counts in full, even
     when n_steps < log_step); floor_s is the median of the floors timed between its steps.
+    CUDA: a GPU is not shared, and syncing around each step would hide what the loop does (queue the next step
+    while the GPU runs this one), so the loop runs undisturbed for a whole number of --log_step periods and
+    time_s is its wall time from the first loss to the final decode over its steps; floor_s is then given by the
+    caller, as floor (a number of seconds).
     """
     import main as main_py
+
+    if args.device.type == "cuda":
+        floor_s, floor = floor, None
+        n_steps = max(n_steps, 2 * log_step) // max(log_step, 1) * max(log_step, 1) if log_step else n_steps
 
     with tempfile.TemporaryDirectory(prefix="bench-main-") as save_dir:
         run_args = main_py.parse_args(["--prompt", PROMPT, "--loss_type", "sds", "--model", source,
@@ -297,6 +335,11 @@ def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step
         result = main_py.run(timer, run_args, progress=False)
     if result.status != "finished" or len(timer.step_starts) != n_steps or timer.last_decode is None:
         raise RuntimeError(f"main.run stopped early ({result.status}) after {result.steps_done} of {n_steps} steps")
+    if floor is None:
+        _sync(args.device)
+        total = timer.last_decode - timer.loop_start
+        return {"time_s": total / n_steps, "floor_s": floor_s, "steps": n_steps, "samples_s": [total],
+                "floor_samples_s": []}
     step_seconds = timer.step_seconds()
     typical = statistics.median(step_seconds)
     logging = statistics.fmean(step_seconds[i] - typical for i in range(0, n_steps, log_step)) if log_step else 0.0
@@ -337,7 +380,7 @@ class MemoryServer:
 
         command = [sys.executable, str(Path(__file__).resolve()), "--_memory_server", "--model", source,
                    "--device", "cpu", "--precision", args.precision]
-        command += ["--compile"] * args.compile + ["--channels_last"] * args.channels_last
+        command += ["--compile"] * args.compile + ["--channels_last", args.channels_last]
         command += ["--threads", str(args.threads)] if args.threads else []
         self.stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
@@ -513,6 +556,13 @@ def summarise(samples: dict, loops: dict, memory: dict | None, context: dict) ->
         if floor is not None:
             # Per round, the step over the floor timed in the same round: load that drifts cancels out.
             figures[name]["ratio"] = statistics.median(s / f for s, f in zip(seconds, samples[floor]))
+    if "lora_train" in samples:
+        # VSD over the sum of its parts, round by round: what the step adds beyond the UNet work it must do.
+        parts = [b2 + fwd + train for b2, fwd, train in zip(samples["floor_b2"], samples["lora_forward"],
+                                                             samples["lora_train"])]
+        figures["vsd"]["parts_s"] = statistics.median(parts)
+        figures["vsd"]["parts_floor_ratio"] = statistics.median(p / f for p, f in zip(parts, samples["floor_b2"]))
+        figures["vsd"]["ratio_to_parts"] = statistics.median(v / p for v, p in zip(samples["vsd"], parts))
     for name, loop in loops.items():
         figures[name] = {"time_s": loop["time_s"], "samples_s": loop["samples_s"], "steps": loop["steps"],
                          "floor_samples_s": loop["floor_samples_s"]}
@@ -549,7 +599,8 @@ def format_table(result: dict) -> str:
     """Return the human-readable table of a benchmark result."""
     head = (f"{result['model']} (UNet {result['unet_params'] / 1e6:.1f} M params, latents {result['latent_shape']}) on "
             f"{result['device']} ({result['device_name']}, {result['threads']} threads), {result['precision']}"
-            f"{', compiled' if result['compile'] else ''}{', channels_last' if result['channels_last'] else ''}; "
+            f"{', compiled' if result['compile'] else ''}{', channels_last' if result['channels_last'] else ''}"
+            f"{', CUDA graphs' if result.get('cuda_graphs') else ''}; "
             f"median of {result['rounds']} rounds after {result['warmup']} warm-up; {result['date']}, load average "
             f"{result['load_average_start_end'][0]:.1f} at the start, {result['load_average_start_end'][1]:.1f} at the end")
     lines = [head, f"{'':34s} {'time s':>9s} {'steps/s':>8s} {'x floor':>8s} {'target':>7s} {'peak +MB':>9s} {'target':>7s}"]
@@ -561,6 +612,10 @@ def format_table(result: dict) -> str:
         mem_target = targets.get(f"{name}_added_mb")
         lines.append(f"{figure['label']:34s} {figure['time_s']:9.4f} {figure['steps_per_s']:8.2f} {ratio:>8s} "
                      f"{_mark(ratio_target, '<=')} {mem:>9s} {_mark(mem_target, '<=')}")
+    vsd = result["figures"].get("vsd", {})
+    if "parts_s" in vsd:
+        lines.append(f"VSD's UNet work (batch-2 floor + LoRA forward + LoRA training step): {vsd['parts_s']:.4f} s = "
+                     f"{vsd['parts_floor_ratio']:.3f} x floor; the VSD step is {vsd['ratio_to_parts']:.3f} x its parts")
     if "sds_steps_per_s" in targets:
         t = targets["sds_steps_per_s"]
         lines.append(f"SDS steps/s {t['value']:.1f} (target >= {t['min']:.0f}): {'met' if t['met'] else 'MISSED'}")
@@ -616,7 +671,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         loops = {}
         for name, every in (("main_loop_nolog", 0), ("main_loop", args.log_step)):
             _log(f"main.run: {args.steps + 1} SDS steps, --log_step {every}")
-            loops[name] = time_main_loop(model, steps["floor_b2"], source, args, every, args.steps + 1)
+            floor = statistics.median(samples["floor_b2"]) if cuda else steps["floor_b2"]
+            loops[name] = time_main_loop(model, floor, source, args, every, args.steps + 1)
         if server is not None:
             _log("peak memory: one fresh process per group")
             memory = server.measure()
@@ -629,7 +685,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     unet = getattr(model.unet, "_orig_mod", model.unet)
     context = {
         "model": args.model, "source": source, "device": str(args.device), "device_name": device_name(args.device),
-        "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
+        "precision": args.precision, "compile": args.compile,
+        "channels_last": getattr(model, "channels_last", False),
+        "cuda_graphs": getattr(model, "graphs", None) is not None,
         "threads": torch.get_num_threads(), "rounds": args.steps, "warmup": args.warmup, "log_step": args.log_step,
         "unet_params": sum(p.numel() for p in unet.parameters()), "latent_shape": list(model.latent_shape(1)),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -3,10 +3,11 @@
 # from its config: no download, no internet) in fp16 and in bf16, on one CUDA GPU.
 #
 #   bash bench_gpu.sh                 # PYTHON=... to pick the interpreter; OUT=... where results go
-#   VARIANTS=1 bash bench_gpu.sh      # also A/B the fp16 floor: default, channels_last, cudnn_benchmark, compile
+#   VARIANTS=1 bash bench_gpu.sh      # also A/B the fp16 floor and SDS step: the default (CUDA graphs and channels_last),
+#                                     # no CUDA graphs, a contiguous UNet, cuDNN benchmark mode
 #
 # Budget on an H100: about 1 minute to build the 5 GB random-weight model (once, in $BENCH_CACHE), then about
-# 1 minute per precision; VARIANTS=1 adds 2-4 minutes (compiling the UNet dominates).
+# 1 minute per precision; VARIANTS=1 adds about 1 minute.
 # Results: $OUT/gpu.txt (the card), $OUT/bench_sd21_<precision>.json (every figure) and .txt (log and table).
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -28,13 +29,13 @@ for precision in fp16 bf16; do
     > "$OUT/bench_sd21_$precision.json" 2> "$OUT/bench_sd21_$precision.txt"
   code=$?
   echo "== sd21 $precision: exit $code"
-  grep -v "Loading\|Writing" "$OUT/bench_sd21_$precision.txt" | tail -14
+  grep -v "Loading\|Writing" "$OUT/bench_sd21_$precision.txt" | tail -17
   [ "$code" = 0 ] || status=1
 done
 
 if [ "${VARIANTS:-0}" = 1 ]; then
   timeout 420 "$PYTHON" bench.py --model sd21 --device cuda --precision fp16 --cache_dir "$CACHE" --steps 20 \
-    --variants default,channels_last,cudnn_benchmark,compile --json \
+    --variants cuda_graphs,no_cuda_graphs,contiguous,cudnn_benchmark --json \
     > "$OUT/variants_sd21_fp16.json" 2> "$OUT/variants_sd21_fp16.txt"
   code=$?
   echo "== sd21 fp16 variants: exit $code"

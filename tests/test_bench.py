@@ -11,7 +11,8 @@ import pytest
 import bench
 from utils import UserError, run_cli
 
-ROUND_FIGURES = ("floor_b2", "sds", "floor_b4", "pds", "vsd", "vsd_shared")
+ROUND_FIGURES = ("floor_b2", "sds", "floor_b4", "pds", "vsd", "vsd_shared", "lora_forward", "lora_train")
+MEMORY_FIGURES = ("floor_b2", "sds", "floor_b4", "pds", "vsd", "vsd_shared")
 LOOP_FIGURES = ("main_loop_nolog", "main_loop")
 
 
@@ -65,11 +66,17 @@ def test_each_ratio_is_the_step_over_its_floor(result):
             extra = statistics.fmean([steps[0] - typical, steps[2] - typical]) / 2 if name == "main_loop" else 0
             assert figure["time_s"] == pytest.approx(typical + extra)  # --log_step 2: steps 0 and 2 log
     assert "ratio" not in figures["floor_b2"] and "ratio" not in figures["floor_b4"]
+    # VSD against the sum of its own UNet work, per round: batch-2 floor + LoRA forward + LoRA training step
+    parts = [sum(figures[n]["samples_s"][i] for n in ("floor_b2", "lora_forward", "lora_train")) for i in range(2)]
+    assert figures["vsd"]["parts_s"] == pytest.approx(statistics.median(parts))
+    assert figures["vsd"]["ratio_to_parts"] == pytest.approx(
+        statistics.median(v / p for v, p in zip(figures["vsd"]["samples_s"], parts)))
+    assert figures["vsd"]["parts_floor_ratio"] > 1
 
 
 def test_memory_and_targets_are_consistent(result):
     assert result["memory"]["loaded_mb"] > 100  # torch + two loaded models
-    for name in ROUND_FIGURES:
+    for name in MEMORY_FIGURES:
         added = result["figures"][name]["peak_added_mb"]
         assert -50 < added < 2000, (name, added)  # the tiny model's steps add little over the loaded models
     targets = result["targets"]
