@@ -243,8 +243,11 @@ class ScoreDistillation:
             p.requires_grad_(True)
         self.lora_parameters = params
         self.lora_layers = self._lora_layers()
-        # capturable: its step can be recorded in a CUDA graph (the step count lives on the GPU).
-        self.lora_optimizer = torch.optim.AdamW(params, lr=self.lora_lr, capturable=self.graphs is not None and self.device.type == "cuda")
+        # capturable: its step can be recorded in a CUDA graph (the step count lives on the GPU). fused on CPUs: one
+        # kernel over the LoRA's 256 tensors ('mid': 3 ms a step instead of 13).
+        on_cpu = self.device.type == "cpu"
+        self.lora_optimizer = torch.optim.AdamW(params, lr=self.lora_lr, fused=True if on_cpu else None,
+                                                capturable=self.graphs is not None and not on_cpu)
         if self.graphs is not None:
             self.graphs.clear()  # the UNet's modules changed
 
@@ -391,6 +394,10 @@ class StableDiffusion(ScoreDistillation):
             for module in self.unet.modules():
                 if hasattr(module, "set_chunk_feed_forward"):
                     module.set_chunk_feed_forward(1, 0)
+            # VSD's LoRA backward at batch 1 would run one-head attentions on one core (guidance/attention.py).
+            from guidance.attention import use_cpu_attention
+
+            use_cpu_attention(self.unet)
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if compile:
