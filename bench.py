@@ -8,12 +8,13 @@ forward (PDS: source and target together), under no_grad. A step is what main.py
 loss, its backward into the latents and their AdamW step (VSD: the LoRA's training step too). Floors and steps
 run interleaved, round by round, after warm-up. Each time is the median over rounds; each ratio is the median
 over rounds of step / floor within the round, so that load drifting between rounds cancels out. main.py's
-own loop runs through main.run on the same model, with a bare batch-2 forward timed (and left out of the
-loop's time) before every step; its ratio is its median step, plus a logging step's extra time spread over
-the --log_step steps it serves, over the median of those floors.
+own loop runs through main.run on the same model. On CPU one run at --log_step, with a bare batch-2 forward
+timed (and left out of the loop's time) before every step, gives both loop figures: logging off is the median
+of its steps that do not log; at --log_step it is that plus a logging step's extra time spread over the
+--log_step steps it serves; each over the median of those floors. On CUDA each loop runs undisturbed as a whole.
 
-Peak memory is "added over the loaded model". On CPU each method runs in its own process, forked from a
-helper that loaded the model once, and counts its peak RSS (VmHWM, reset through /proc/self/clear_refs once
+Peak memory is "added over the loaded model". On CPU each method runs in its own process, forked from the
+bench right after it loaded the model, and counts its peak RSS (VmHWM, reset through /proc/self/clear_refs once
 loaded) minus its RSS once loaded with every weight read (safetensors are memory-mapped: a weight is
 resident only once read). On CUDA: max_memory_allocated minus what the loaded models hold.
 
@@ -55,6 +56,8 @@ FIGURES = {
     "main_loop_nolog": ("main.py loop, logging off", "floor_b2"),
     "main_loop": ("main.py loop, --log_step {log_step}", "floor_b2"),
 }
+# Steps whose one-off costs another step's warm-up pays (the same UNet calls at the same shapes): not warmed twice.
+WARMED_BY = {"floor_b2": "sds", "floor_b4": "pds", "lora_forward": "vsd", "lora_train": "vsd", "vsd_shared": "vsd"}
 MB = 1e6
 # --variants: what each changes from the command line's settings.
 VARIANTS = {
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--steps", type=int, default=None,
                    help="timed rounds after warm-up (default: 5 on CPU, 30 on CUDA); main.py's loop runs steps + 1 "
-                        "steps without logging, and as many with it")
+                        "steps (on CPU those at multiples of --log_step log; on CUDA as many without logging, and 2 x "
+                        "--log_step with it)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 1 on CPU, 3 on CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure (the table goes to stderr)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -94,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help=f"instead of the full benchmark, time the batch-2 floor and the SDS step under each of these "
                         f"comma-separated variants, interleaved: {', '.join(VARIANTS)}")
-    p.add_argument("--_memory_server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache_dir", default=None,
                    help="where random-weight models are built (default: $XDG_CACHE_HOME or ~/.cache, /score-distillation)")
     return p
@@ -311,11 +314,11 @@ class _LoopTimer:
 
 
 def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step: int, n_steps: int) -> dict:
-    """Return {'time_s', 'floor_s', 'steps', ...} for main.run's SDS loop over n_steps with the given --log_step.
+    """Return {'time_s' (CUDA only), 'floor_s', 'steps', 'samples_s', 'floor_samples_s'} for main.run's SDS loop
+    over n_steps with the given --log_step.
 
-    CPU: medians, so that a burst of load does not decide: time_s is the median step plus what a logging step
-    takes beyond it, spread over the --log_step steps it serves (the loop's periodic logging counts in full, even
-    when n_steps < log_step); floor_s is the median of the floors timed between its steps.
+    CPU: samples_s holds each step's seconds, floor_samples_s the floor timed before each; floor_s is their
+    median. split_loop turns them into figures.
     CUDA: a GPU is not shared, and syncing around each step would hide what the loop does (queue the next step
     while the GPU runs this one), so the loop runs undisturbed for a whole number of --log_step periods and
     time_s is its wall time from the first loss to the final decode over its steps; floor_s is then given by the
@@ -340,11 +343,29 @@ def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step
         total = timer.last_decode - timer.loop_start
         return {"time_s": total / n_steps, "floor_s": floor_s, "steps": n_steps, "samples_s": [total],
                 "floor_samples_s": []}
-    step_seconds = timer.step_seconds()
-    typical = statistics.median(step_seconds)
-    logging = statistics.fmean(step_seconds[i] - typical for i in range(0, n_steps, log_step)) if log_step else 0.0
-    return {"time_s": typical + logging / max(log_step, 1), "floor_s": statistics.median(timer.floors), "steps": n_steps,
-            "samples_s": step_seconds, "floor_samples_s": timer.floors}
+    return {"floor_s": statistics.median(timer.floors), "steps": n_steps, "samples_s": timer.step_seconds(),
+            "floor_samples_s": timer.floors}
+
+
+def split_loop(run: dict, log_step: int) -> dict:
+    """Return {'main_loop_nolog', 'main_loop'} from one CPU run of main.py's loop at --log_step (time_main_loop);
+    without 'main_loop_nolog' when every step logged (--log_step 1).
+
+    Medians, so that a burst of load does not decide. A step without logging runs the very code of a run with
+    logging off, so 'main_loop_nolog' is the median of the steps that did not log; 'main_loop' adds what a
+    logging step takes beyond it, spread over the --log_step steps it serves (logging counts in full even when
+    the run is shorter than --log_step).
+    """
+    steps = run["samples_s"]
+    logged = [i for i in range(len(steps)) if log_step and i % log_step == 0]
+    plain = [s for i, s in enumerate(steps) if i not in logged]
+    common = {"floor_s": run["floor_s"], "floor_samples_s": run["floor_samples_s"]}
+    if not plain:
+        return {"main_loop": {**common, "time_s": statistics.median(steps), "steps": len(steps), "samples_s": steps}}
+    typical = statistics.median(plain)
+    extra = statistics.fmean(steps[i] - typical for i in logged) / log_step if logged else 0.0
+    return {"main_loop_nolog": {**common, "time_s": typical, "steps": len(plain), "samples_s": plain},
+            "main_loop": {**common, "time_s": typical + extra, "steps": len(steps), "samples_s": steps}}
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -371,117 +392,98 @@ def cuda_memory(steps: dict, device, baseline_mb: float, loaded_mb: float) -> di
     return {"method": "torch.cuda.max_memory_allocated", "loaded_mb": loaded_mb, "added_mb": added}
 
 
-class MemoryServer:
-    """A helper process that loads the model and forks one child per memory group at once; the children then
-    wait, idle, until the timed rounds are over before they measure."""
+class MemoryChildren:
+    """One child process per memory group, forked from this one right after it loaded the model, so that they share
+    its loaded weights without loading again. They wait, idle, until the timed rounds are over, then measure one
+    group after another.
 
-    def __init__(self, source: str, args: argparse.Namespace):
-        import subprocess
+    Fork before this process has used more than one thread: GNU OpenMP hangs in a child forked after its parent
+    ran a thread pool. Each child restores the thread count.
+    """
 
-        command = [sys.executable, str(Path(__file__).resolve()), "--_memory_server", "--model", source,
-                   "--device", "cpu", "--precision", args.precision]
-        command += ["--compile"] * args.compile + ["--channels_last", args.channels_last]
-        command += ["--threads", str(args.threads)] if args.threads else []
-        self.stderr = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                        bufsize=0, start_new_session=True)
-        self._buffer = b""
+    def __init__(self, model, threads: int):
+        import traceback
 
-    def _readline(self, timeout: float) -> str:
-        import select
-
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            chunk = os.read(self.process.stdout.fileno(), 65536) if ready else None
-            if not chunk:
-                self.close()
-                raise RuntimeError("the memory helper " + ("timed out" if chunk is None else "died") + ":\n" + self.log_tail())
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
-
-    def log_tail(self, lines: int = 15) -> str:
-        self.stderr.seek(0)
-        return "\n".join(self.stderr.read().decode(errors="replace").splitlines()[-lines:])
+        self.children = {}
+        for group in MEMORY_GROUPS:
+            go_read, go_write = os.pipe()
+            reply_read, reply_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the parent
+                    os.dup2(2, 1)  # stdout is the parent's (its JSON): a child writes nowhere but stderr
+                    for _, other_go, other_reply in self.children.values():  # its siblings' pipes are not its own
+                        other_go.close()
+                        os.close(other_reply)
+                    os.close(go_write)
+                    os.close(reply_read)
+                    _memory_child(model, threads, group, os.fdopen(go_read), os.fdopen(reply_write, "w"))
+                    code = 0
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)  # no atexit handlers, no flushing of the parent's buffers
+            os.close(go_read)
+            os.close(reply_write)
+            self.children[group] = (pid, os.fdopen(go_write, "w"), reply_read)
+        self.failed = set()
 
     def wait_ready(self) -> None:
-        """Return once every child has loaded its model (so that none is busy while the parent times)."""
-        if self._readline(MEMORY_TIMEOUT_S) != "ready":
-            raise RuntimeError("the memory helper did not start:\n" + self.log_tail())
+        """Return once every child has loaded what it measures with (so that none is busy while the parent times)."""
+        for group, (_, _, reply) in self.children.items():
+            if _read_line(reply, MEMORY_TIMEOUT_S) != "ready":
+                self.failed.add(group)
 
     def measure(self) -> dict:
-        """Return {'loaded_mb', 'added_mb': name -> MB} measured by the children, one group after another."""
+        """Return {'method', 'loaded_mb', 'added_mb': name -> MB} measured by the children, one after another (side
+        by side, their thread pools would spin against each other: 45 s instead of 19 on 'mid')."""
         added, loaded = {}, None
         for group in MEMORY_GROUPS:
-            self.process.stdin.write((",".join(group) + "\n").encode())
-            reply = json.loads(self._readline(MEMORY_TIMEOUT_S))
-            if "error" in reply:
-                raise RuntimeError(f"memory of {', '.join(group)}: {reply['error']}\n{self.log_tail()}")
-            added.update(reply["added_mb"])
-            loaded = reply["loaded_mb"] if loaded is None else loaded
-        self.close()
+            _, go, reply = self.children[group]
+            answer = None
+            if group not in self.failed:
+                go.write("go\n")
+                go.flush()
+                answer = _read_line(reply, MEMORY_TIMEOUT_S)
+            self.close([group])
+            if not answer:
+                self.close()
+                raise RuntimeError(f"the process measuring the memory of {', '.join(group)} died or hung "
+                                   f"(any traceback is above)")
+            answer = json.loads(answer)
+            added.update(answer["added_mb"])
+            loaded = answer["loaded_mb"] if loaded is None else loaded
         return {"method": "peak RSS (VmHWM) of a fresh process per group, minus its RSS once loaded",
                 "loaded_mb": loaded, "added_mb": added}
 
-    def close(self) -> None:
+    def close(self, groups=None) -> None:
+        """Kill and reap the children of groups (default: all that are left)."""
         import signal
 
-        if self.process.poll() is None:
+        for group in list(self.children if groups is None else groups):
+            pid, go, reply = self.children.pop(group)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                go.close()
+            os.close(reply)
 
 
-def memory_server(args: argparse.Namespace) -> int:
-    """Serve MemoryServer: load the model, fork one child per group, report 'ready', then measure the groups
-    named on stdin, one at a time."""
-    import traceback
+def _read_line(fd: int, timeout: float) -> str | None:
+    """Return the next line written to fd, stripped; None if the writer closed it or timeout seconds passed."""
+    import select
 
-    import torch
-
-    # One thread while loading: then no OpenMP thread pool exists when the children are forked (GNU OpenMP
-    # hangs in a child forked after its parent used one); each child restores the thread count.
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = load(args.model, args)
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # stray prints from libraries must not reach the protocol
-    children = {}
-    for group in MEMORY_GROUPS:
-        go_read, go_write = os.pipe()
-        reply_read, reply_write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(go_write)
-                os.close(reply_read)
-                _memory_child(model, threads, group, os.fdopen(go_read), os.fdopen(reply_write, "w"))
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(go_read)
-        os.close(reply_write)
-        children[",".join(group)] = (pid, os.fdopen(go_write, "w"), os.fdopen(reply_read))
-    failed = {key: f"the process measuring {key} died while loading" for key, (_, _, reply) in children.items()
-              if reply.readline().strip() != "ready"}
-    protocol.write("ready\n")
-    protocol.flush()
-    for line in sys.stdin:
-        key = line.strip()
-        pid, go, reply = children.pop(key)
-        answer = ""
-        if key not in failed:
-            go.write("go\n")
-            go.flush()
-            answer = reply.readline().strip()
-        protocol.write((answer or json.dumps({"error": failed.get(key, f"the process measuring {key} died")})) + "\n")
-        protocol.flush()
-        os.waitpid(pid, 0)
-    return 0
+    data, deadline = b"", time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 1) if ready else b""
+        if not chunk:
+            return None
+        data += chunk
+    return data.decode().strip()
 
 
 def _memory_child(model, threads: int, group: tuple, go, reply) -> None:
@@ -645,40 +647,50 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     import torch
 
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
     source = model_source(args.model, args.cache_dir)
-    on_cpu = args.device.type == "cpu"
-    server = MemoryServer(source, args) if on_cpu and not args.no_memory else None
+    cuda = args.device.type == "cuda"
+    children = None
     try:
         _log(f"loading {source} twice ({args.device}, {args.precision})")
-        cuda = args.device.type == "cuda"
+        if not cuda and not args.no_memory:
+            torch.set_num_threads(1)  # no OpenMP thread pool before the memory children are forked
         model = load(source, args)
+        if not cuda and not args.no_memory:
+            children = MemoryChildren(model, threads)
+        torch.set_num_threads(threads)
         loaded_mb = torch.cuda.memory_allocated(args.device) / MB if cuda else None
         vsd_model = load(source, args)
         steps = make_steps(model, vsd_model)
         baseline_mb = torch.cuda.memory_allocated(args.device) / MB if cuda else None
 
-        if server is not None:  # it loaded while we did; now it waits, idle, until timing is over
-            server.wait_ready()
-            _log("memory helper ready")
         # Warm-up pays the one-off costs (kernel selection, compilation, the LoRA's creation) before timing.
-        time_rounds(steps, 0, args.warmup, args.device)
+        time_rounds({name: fn for name, fn in steps.items() if name not in WARMED_BY}, 0, args.warmup, args.device)
+        if children is not None:  # they got ready while we warmed up (untimed); now they wait, idle, until the end
+            children.wait_ready()
         memory = None
         if args.device.type == "cuda" and not args.no_memory:
             memory = cuda_memory(steps, args.device, baseline_mb, loaded_mb)
         samples = time_rounds(steps, args.steps, 0, args.device)
         loops = {}
-        for name, every in (("main_loop_nolog", 0), ("main_loop", args.log_step)):
-            _log(f"main.run: {args.steps + 1} SDS steps, --log_step {every}")
-            floor = statistics.median(samples["floor_b2"]) if cuda else steps["floor_b2"]
-            loops[name] = time_main_loop(model, floor, source, args, every, args.steps + 1)
-        if server is not None:
+        if cuda:  # each loop undisturbed, as a whole
+            for name, every in (("main_loop_nolog", 0), ("main_loop", args.log_step)):
+                _log(f"main.run: SDS steps, --log_step {every}")
+                loops[name] = time_main_loop(model, statistics.median(samples["floor_b2"]), source, args, every,
+                                             args.steps + 1)
+        else:  # one run: its steps that log and those that do not give both figures
+            for every in (args.log_step, 0):
+                _log(f"main.run: {args.steps + 1} SDS steps, --log_step {every}, a bare forward before each")
+                run = time_main_loop(model, steps["floor_b2"], source, args, every, args.steps + 1)
+                loops = {**split_loop(run, every), **loops}
+                if "main_loop_nolog" in loops:
+                    break
+        if children is not None:
             _log("peak memory: one fresh process per group")
-            memory = server.measure()
+            memory = children.measure()
     finally:
-        if server is not None:
-            server.close()
+        if children is not None:
+            children.close()
     if memory is not None:
         _log("peak MB added: " + ", ".join(f"{k} {v:.0f}" for k, v in memory["added_mb"].items()))
 
@@ -781,8 +793,6 @@ def format_variants(result: dict) -> str:
 def main(argv=None) -> int:
     """Run the benchmark; print the table (and with --json one JSON object on stdout). Return the exit code."""
     args = parse_args(argv)
-    if args._memory_server:
-        return memory_server(args)
     if args.model == "toy":
         try:
             import guidance.toy  # noqa: F401

@@ -39,8 +39,10 @@ def test_every_figure_is_reported_with_positive_times(result):
         samples = result["figures"][name]["samples_s"]
         assert len(samples) == 2 and all(s > 0 for s in samples)
         assert result["figures"][name]["time_s"] == pytest.approx(statistics.median(samples))
-    assert result["figures"]["main_loop_nolog"]["steps"] == 3  # --steps + 1
+    # One run of --steps + 1 = 3 steps at --log_step 2: steps 0 and 2 log, step 1 gives the figure without logging
     assert result["figures"]["main_loop"]["steps"] == 3
+    assert result["figures"]["main_loop_nolog"]["steps"] == 1
+    assert result["figures"]["main_loop_nolog"]["samples_s"] == [result["figures"]["main_loop"]["samples_s"][1]]
     assert (result["model"], result["device"], result["precision"], result["rounds"]) == (
         result["source"], "cpu", "fp32", 2)
     assert result["unet_params"] > 0 and result["latent_shape"][0] == 1
@@ -57,14 +59,16 @@ def test_each_ratio_is_the_step_over_its_floor(result):
             per_round = [s / f for s, f in zip(figure["samples_s"], figures[floor]["samples_s"])]
             assert figure["ratio"] == pytest.approx(statistics.median(per_round), rel=1e-12)
             assert figure["floor_s"] == figures[floor]["time_s"]
-        else:  # main.py's loop: median step + a logging step's extra over --log_step steps, over the median floor
+        else:  # main.py's loop: median non-logging step (+ a logging step's extra over --log_step steps) / median floor
             assert figure["ratio"] == pytest.approx(figure["time_s"] / figure["floor_s"], rel=1e-12)
             assert figure["floor_s"] == pytest.approx(statistics.median(figure["floor_samples_s"]))
-            steps = figure["samples_s"]
-            assert len(steps) == figure["steps"]
-            typical = statistics.median(steps)
-            extra = statistics.fmean([steps[0] - typical, steps[2] - typical]) / 2 if name == "main_loop" else 0
-            assert figure["time_s"] == pytest.approx(typical + extra)  # --log_step 2: steps 0 and 2 log
+            assert len(figure["floor_samples_s"]) == 3  # a floor before each of the run's steps
+            assert len(figure["samples_s"]) == figure["steps"]
+    steps = figures["main_loop"]["samples_s"]
+    typical = steps[1]  # --log_step 2: steps 0 and 2 log
+    assert figures["main_loop_nolog"]["time_s"] == pytest.approx(typical)
+    assert figures["main_loop"]["time_s"] == pytest.approx(typical + statistics.fmean([steps[0] - typical,
+                                                                                       steps[2] - typical]) / 2)
     assert "ratio" not in figures["floor_b2"] and "ratio" not in figures["floor_b4"]
     # VSD against the sum of its own UNet work, per round: batch-2 floor + LoRA forward + LoRA training step
     parts = [sum(figures[n]["samples_s"][i] for n in ("floor_b2", "lora_forward", "lora_train")) for i in range(2)]
@@ -139,3 +143,14 @@ def test_variants_time_the_floor_and_sds_of_each(tiny_sd_dir):
     assert result["variants"]["default"]["floor_b2_speedup"] == 1.0
     with pytest.raises(UserError, match="warp_speed"):
         bench.parse_args(["--model", str(tiny_sd_dir), "--device", "cpu", "--variants", "default,warp_speed"])
+
+
+def test_split_loop_takes_logging_off_from_the_steps_that_did_not_log():
+    run = {"samples_s": [3.0, 1.0, 1.2, 0.9, 5.0, 1.1], "floor_s": 1.0, "floor_samples_s": [1.0] * 6}
+    loops = bench.split_loop(run, 4)  # steps 0 and 4 log
+    assert loops["main_loop_nolog"]["samples_s"] == [1.0, 1.2, 0.9, 1.1]
+    assert loops["main_loop_nolog"]["time_s"] == pytest.approx(1.05)
+    assert loops["main_loop"]["time_s"] == pytest.approx(1.05 + ((3.0 - 1.05) + (5.0 - 1.05)) / 2 / 4)
+    assert bench.split_loop(run, 0)["main_loop"]["time_s"] == pytest.approx(1.15)  # logging off: the median
+    only_logging = bench.split_loop(run, 1)  # every step logs: no figure without logging from this run
+    assert set(only_logging) == {"main_loop"} and only_logging["main_loop"]["time_s"] == pytest.approx(1.15)
