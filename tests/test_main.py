@@ -77,16 +77,22 @@ def test_lr_flag_really_sets_the_learning_rate(tiny_sd, tmp_path, monkeypatch):
     assert seen == [0.05]
 
 
-def test_nan_loss_stops_and_keeps_last_finite_image(tiny_sd, tmp_path, monkeypatch, capsys):
+def nan_on_call(model, monkeypatch, n: int) -> dict:
+    """Make model.get_sds_loss return NaN on its n-th call; return {'n': calls so far}."""
     calls = {"n": 0}
-    real = tiny_sd.get_sds_loss
+    real = model.get_sds_loss
 
     def flaky(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        return loss * float("nan") if calls["n"] == n else loss
 
-    monkeypatch.setattr(tiny_sd, "get_sds_loss", flaky)
+    monkeypatch.setattr(model, "get_sds_loss", flaky)
+    return calls
+
+
+def test_nan_loss_stops_and_keeps_last_finite_image(tiny_sd, tmp_path, monkeypatch, capsys):
+    nan_on_call(tiny_sd, monkeypatch, 3)
     monkeypatch.setattr(main, "build_model", lambda args: tiny_sd)
     code, _, err = run_main(["--prompt", "a cat", "--step", "10", "--save_dir", str(tmp_path)], capsys)
     assert code == 1
@@ -107,15 +113,7 @@ def test_a_nan_inside_a_read_window_keeps_the_windows_first_latents(tiny_sd, tmp
                                 "--save_dir", str(tmp_path / save_dir)])
 
     clean = main.run(tiny_sd, args("clean", 4), progress=False)
-    calls = {"n": 0}
-    real = tiny_sd.get_sds_loss
-
-    def nan_at_step_6(*a, **k):
-        calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(tiny_sd, "get_sds_loss", nan_at_step_6)
+    calls = nan_on_call(tiny_sd, monkeypatch, 7)  # step 6
     result = main.run(tiny_sd, args("nan", 10), progress=False)
     # steps 4, 5 and 6 ran before the window's losses were read at step 7: the NaN is found at step 6, and the
     # latents go back to the window's start (after steps 0-3), the last ones whose losses were all read finite
