@@ -25,11 +25,15 @@ def _attention(heads, dim_head, query_dim, cross_dim=None):
     return Attention(query_dim=query_dim, cross_attention_dim=cross_dim, heads=heads, dim_head=dim_head)
 
 
-@pytest.mark.parametrize("batch, cross", [(1, False), (1, True), (2, False)])
-def test_folded_attention_matches_stock_outputs_and_gradients(batch, cross, monkeypatch):
+@pytest.mark.parametrize("batch, heads, cross, threads, folded_batch", [
+    (1, 1, False, 2, 2), (1, 1, True, 2, 2),
+    (2, 1, False, 2, 2),  # batch 2 with one head already shares out over two threads: no folding
+    (1, 2, False, 4, 2),  # two heads, four threads: two blocks of each head
+])
+def test_folded_attention_matches_stock_outputs_and_gradients(batch, heads, cross, threads, folded_batch, monkeypatch):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    attn = _attention(heads=1, dim_head=16, query_dim=16, cross_dim=24 if cross else None)
+    attn = _attention(heads=heads, dim_head=16 // heads, query_dim=16, cross_dim=24 if cross else None)
     torch.manual_seed(1)
     x = torch.randn(batch, 1024, 16)
     context = torch.randn(batch, 77, 24) if cross else None
@@ -47,10 +51,10 @@ def test_folded_attention_matches_stock_outputs_and_gradients(batch, cross, monk
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: query_lengths.append(q.shape) or sdpa(q, *a, **k))
     out_ref, dx_ref, grads_ref = run(AttnProcessor2_0())
-    out, dx, grads = run(CpuAttnProcessor(threads=2))
-    assert query_lengths[0] == (batch, 1, 1024, 16)
-    # batch 2 with one head already shares out over two threads: no folding
-    assert query_lengths[1] == ((batch, 1, 1024, 16) if batch == 2 else (2 * batch, 1, 512, 16))
+    out, dx, grads = run(CpuAttnProcessor(threads=threads))
+    head_dim = 16 // heads
+    assert query_lengths[0] == (batch, heads, 1024, head_dim)
+    assert query_lengths[1] == (folded_batch, heads, 1024 * batch // folded_batch, head_dim)
     torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dx, dx_ref, atol=1e-6, rtol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
