@@ -74,6 +74,7 @@ class ScoreDistillation:
         self.last_lora_loss = None
         self.graphs = None  # a guidance.cuda_graphs.CudaGraphs when UNet (and VAE decoder) calls replay CUDA graphs
         self._lora_off = 0  # depth of lora_disabled() contexts
+        self._eps_table = None  # [T, 2] coefficients of eps from the UNet's output, on the device (_eps_coefficients)
 
     # ----------------------------------------------------------------------------------------- sampling
     @property
@@ -305,7 +306,7 @@ class ScoreDistillation:
 
     def _eps_coefficients(self, t: int, like: torch.Tensor) -> torch.Tensor:
         """Return [a, b] on like's device with eps = a * unet_output + b * x_t ([1, 0] for epsilon models)."""
-        table = self.__dict__.get("_eps_table")
+        table = self._eps_table
         if table is None or table.device != like.device or table.dtype != like.dtype:
             # Kept on the device and indexed there: building [a, b] per step would copy from the host and sync.
             if self.prediction_type == "v_prediction":
