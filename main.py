@@ -1,8 +1,9 @@
-"""Distil an image from Stable Diffusion (or the toy world) with SDS, PDS or VSD: the course's main.py.
+"""Distil an image from Stable Diffusion (or the toy world) with any method of guidance/methods.py: the course's main.py.
 
     python main.py --prompt "A castle next to a river" --loss_type sds --guidance_scale 25 --step 500
-    python main.py --prompt P --edit_prompt E --src_img_path S --loss_type pds
+    python main.py --prompt P --edit_prompt E --src_img_path S --loss_type pds      # or dds
     python main.py --prompt P --loss_type vsd --num_particles 4
+    python main.py --prompt P --loss_type sdi                                       # nfsd csd bridge asd ism sdi
     python main.py --model toy --prompt "a red circle" --loss_type sds      # offline, seconds on a CPU
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import math
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +25,11 @@ from tqdm import tqdm
 from utils import (PRECISIONS, CliParser, UserError, check_writable_dir, get_cosine_schedule_with_warmup, load_image,
                    atomic_write_bytes, pil_to_torch, prompt_to_filename, resolve_device, resolve_precision, run_cli,
                    save_image_atomic, save_json_atomic, seed_everything, torch_to_pil)
+from guidance.methods import LOSS_TYPES, METHODS, OPTION_FLAGS, StepContext  # the one table of methods
 
-LOSS_TYPES = ("sds", "pds", "vsd")
-# The course's settings per loss: (guidance scale, optimisation steps).
-LOSS_DEFAULTS = {"sds": (25.0, 500), "pds": (7.5, 200), "vsd": (7.5, 500)}
+# The course's settings per loss: (guidance scale, optimisation steps), read from the table.
+LOSS_DEFAULTS = {name: (m.guidance_scale, m.steps) for name, m in METHODS.items()}
+T_ANNEAL_TO = 0.5  # --t_schedule anneal: max t falls to this fraction of T
 LOSS_SCALE = 2000.0  # the course multiplies every loss by 2000 before backward
 WARMUP_STEPS = 100
 # Steps between reads of the loss (each read waits for the device): every step on a CPU, where it costs nothing.
@@ -35,25 +38,42 @@ LOSS_READ_EVERY = {"cpu": 1, "default": 25}
 
 def build_parser() -> argparse.ArgumentParser:
     """Return main.py's argument parser (the course skeleton's flags plus ours)."""
-    from guidance.sd import DEFAULT_MODEL, ON_OFF_AUTO, VSD_LORA_TIMESTEPS
+    from guidance.core import T_SCHEDULES
+    from guidance.methods import method_help
     from guidance.schedule import WEIGHTINGS
+    from guidance.sd import DEFAULT_MODEL, ON_OFF_AUTO, VSD_LORA_TIMESTEPS
 
-    p = CliParser(description="Score distillation (SDS / PDS / VSD) on Stable Diffusion or the toy world.")
+    p = CliParser(description="Score distillation on Stable Diffusion or the toy world. Methods (--loss_type):\n"
+                              + method_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", type=str, required=True, help="generation prompt (PDS: the source image's prompt)")
     p.add_argument("--negative_prompt", type=str, default="low quality", help="prompt for the unconditional CFG branch")
-    p.add_argument("--edit_prompt", type=str, default=None, help="PDS target prompt")
-    p.add_argument("--src_img_path", type=str, default=None, help="PDS source image")
+    p.add_argument("--edit_prompt", type=str, default=None, help="editing methods (pds, dds): the target prompt")
+    p.add_argument("--src_img_path", type=str, default=None, help="editing methods (pds, dds): the source image")
     p.add_argument("--save_dir", type=str, default="./outputs")
     p.add_argument("--loss_type", type=str, default="sds", choices=LOSS_TYPES)
-    p.add_argument("--guidance_scale", type=float, default=None, help="default: sds 25, pds 7.5, vsd 7.5")
-    p.add_argument("--step", type=int, default=None, help="optimisation steps; default: sds 500, pds 200, vsd 500")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="default per method: " + ", ".join(f"{k} {m.guidance_scale:g}" for k, m in METHODS.items()))
+    p.add_argument("--step", type=int, default=None,
+                   help="optimisation steps; default per method: " + ", ".join(f"{k} {m.steps}" for k, m in METHODS.items()))
     p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N, an integer GPU index, or mps (default: best available)")
     p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the latents")
     p.add_argument("--log_step", type=int, default=25, help="save a progress image every N steps (0: never)")
     p.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS))
     p.add_argument("--model", type=str, default=DEFAULT_MODEL, help="hub id, local diffusers folder, or 'toy'")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weighting", type=str, default="uniform", choices=WEIGHTINGS, help="w(t) of SDS/VSD")
+    p.add_argument("--weighting", type=str, default=None, choices=WEIGHTINGS,
+                   help="w(t); default: the method's paper weighting (" + ", ".join(
+                       f"{k} {m.weighting}" for k, m in METHODS.items()) + ")")
+    p.add_argument("--t_schedule", type=str, default=None, choices=T_SCHEDULES,
+                   help="timestep per step: random (uniform), linear (max to min over the run), anneal (uniform "
+                        "under a falling max); default per method: " + ", ".join(
+                            f"{k} {m.t_schedule}" for k, m in METHODS.items() if m.t_schedule != "random") + ", else random")
+    p.add_argument("--t_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="timesteps as fractions of T (default 0.02 0.98; dds 0.05 0.95)")
+    p.add_argument("--t_anneal_to", type=float, default=T_ANNEAL_TO,
+                   help=f"--t_schedule anneal: the max t falls linearly to this fraction of T (default {T_ANNEAL_TO})")
+    for dest, (kind, text) in OPTION_FLAGS.items():
+        p.add_argument(f"--{dest}", type=kind, default=None, help=text)
     p.add_argument("--num_particles", type=int, default=1, help="VSD particles (images optimised together)")
     p.add_argument("--lora_lr", type=float, default=None, help="VSD: AdamW learning rate of the LoRA (default: the model's, 1e-4 for SD)")
     p.add_argument("--vsd_lora_timestep", type=str, default="fresh", choices=VSD_LORA_TIMESTEPS,
@@ -64,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda_graphs", type=str, default="auto", choices=ON_OFF_AUTO,
                    help="replay the UNet's calls as CUDA graphs (auto: on CUDA devices, unless --compile)")
     p.add_argument("--gif", action="store_true", help="also write <save_dir>/<name>/progress.gif from the progress images")
+    p.add_argument("--log_guidance", action="store_true",
+                   help="every --log_step steps, save a panel of x, x_t, x0_hat and |grad| to <save_dir>/<name>/guidance/")
+    p.add_argument("--tensorboard", type=str, default=None, metavar="DIR",
+                   help="log loss, |grad|, t, lr, LoRA loss and the guidance panels to DIR/<name> for TensorBoard")
     return p
 
 
@@ -76,9 +100,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Return args with per-loss defaults filled in, after checking everything that can be checked without a model."""
     if not args.prompt or not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to distil, e.g. --prompt \"A castle next to a river\"")
-    default_scale, default_steps = LOSS_DEFAULTS[args.loss_type]
-    args.guidance_scale = default_scale if args.guidance_scale is None else args.guidance_scale
-    args.step = default_steps if args.step is None else args.step
+    method = METHODS[args.loss_type]
+    args.guidance_scale = method.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    args.step = method.steps if args.step is None else args.step
+    args.weighting = method.weighting if getattr(args, "weighting", None) is None else args.weighting
+    args.t_schedule = method.t_schedule if getattr(args, "t_schedule", None) is None else args.t_schedule
+    args.t_range = list(method.t_range if getattr(args, "t_range", None) is None else args.t_range)
+    args.t_anneal_to = getattr(args, "t_anneal_to", T_ANNEAL_TO)
+    _fill_method_options(args, method)
     if args.step < 1:
         raise UserError(f"--step {args.step} must be at least 1")
     if args.log_step < 0:
@@ -87,27 +116,77 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--num_particles {args.num_particles} must be at least 1")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} must be positive, e.g. 0.1")
-    if args.loss_type == "pds":
+    if method.edits:
+        label = args.loss_type.upper()
         if not args.edit_prompt or not args.edit_prompt.strip():
-            raise UserError("PDS edits an image: give the target text with --edit_prompt "
+            raise UserError(f"{label} edits an image: give the target text with --edit_prompt "
                             "(and the source with --src_img_path)")
         if not args.src_img_path:
-            raise UserError("PDS edits an image: give the source image with --src_img_path")
+            raise UserError(f"{label} edits an image: give the source image with --src_img_path")
         if args.num_particles != 1:
-            raise UserError(f"--num_particles {args.num_particles}: PDS edits one image; particles are for sds/vsd")
+            raise UserError(f"--num_particles {args.num_particles}: {label} edits one image; particles are for "
+                            f"generation methods")
         load_image(args.src_img_path)  # a missing or unreadable image fails here, not after loading the model
+    _check_timesteps(args)
     from guidance.sd import resolve_channels_last, resolve_cuda_graphs
 
     device = resolve_device(args.device)
     resolve_cuda_graphs(args.cuda_graphs, device, args.compile)
     resolve_channels_last(args.channels_last, device)
     check_writable_dir(args.save_dir)
+    if getattr(args, "log_guidance", False) and not args.log_step:
+        raise UserError("--log_guidance saves its panels every --log_step steps: give --log_step N (N > 0)")
+    if getattr(args, "tensorboard", None):
+        from guidance.diagnostics import require_tensorboard
+
+        require_tensorboard()
+        check_writable_dir(args.tensorboard)
     return args
 
 
+def _fill_method_options(args: argparse.Namespace, method) -> None:
+    """Set each method-specific flag to its value or the method's default; a flag of another method is an error."""
+    for dest in OPTION_FLAGS:
+        value = getattr(args, dest, None)
+        if dest in method.options:
+            setattr(args, dest, method.options[dest] if value is None else value)
+        elif value is not None:
+            owners = [name for name, m in METHODS.items() if dest in m.options]
+            raise UserError(f"--{dest} belongs to --loss_type {' / '.join(owners)}, not {args.loss_type}: drop it "
+                            f"or choose that method")
+        else:
+            setattr(args, dest, None)
+
+
+def _check_timesteps(args: argparse.Namespace, num_train_timesteps: int = 1000) -> None:
+    """Check --t_range, --t_anneal_to and the methods' timestep flags before any model loads."""
+    low, high = args.t_range
+    if not 0.0 <= low < high <= 1.0:
+        raise UserError(f"--t_range {low:g} {high:g} is invalid: give MIN MAX with 0 <= MIN < MAX <= 1, e.g. 0.02 0.98")
+    if not 0.0 <= args.t_anneal_to <= 1.0:
+        raise UserError(f"--t_anneal_to {args.t_anneal_to:g} must be a fraction of T in [0, 1], e.g. 0.5")
+    min_step = max(1, int(num_train_timesteps * low))
+    if args.inversion_steps is not None:
+        if args.inversion_steps < 1:
+            raise UserError(f"--inversion_steps {args.inversion_steps} must be at least 1")
+        smallest = max(0, min_step - args.ism_delta_t) if args.loss_type == "ism" else min_step
+        if args.loss_type == "sdi" and args.inversion_steps > smallest:
+            raise UserError(f"--inversion_steps {args.inversion_steps} is larger than the smallest t ({smallest}) it "
+                            f"must invert to: use at most {smallest}, or raise the first value of --t_range")
+    if args.asd_ratio is not None and not 0.0 <= args.asd_ratio <= 1.0:
+        raise UserError(f"--asd_ratio {args.asd_ratio:g} must be in [0, 1], e.g. 0.1")
+    if args.sdi_eta is not None and not 0.0 <= args.sdi_eta <= 1.0:
+        raise UserError(f"--sdi_eta {args.sdi_eta:g} must be in [0, 1] (0: deterministic inversion, 1: SDS)")
+    if args.bridge_start is not None and not 0.0 <= args.bridge_start <= 1.0:
+        raise UserError(f"--bridge_start {args.bridge_start:g} must be a fraction of the steps in [0, 1], e.g. 0.5")
+    for dest in ("ism_delta_t", "ism_delta_s"):
+        if getattr(args, dest) is not None and getattr(args, dest) < 1:
+            raise UserError(f"--{dest} {getattr(args, dest)} must be at least 1")
+
+
 def output_name(args: argparse.Namespace) -> str:
-    """Return the course's file stem of a run: the prompt (the edit prompt for PDS) with spaces as underscores."""
-    return prompt_to_filename(args.edit_prompt if args.loss_type == "pds" else args.prompt)
+    """Return the course's file stem of a run: the prompt (the edit prompt for editing methods), spaces as underscores."""
+    return prompt_to_filename(args.edit_prompt if METHODS[args.loss_type].edits else args.prompt)
 
 
 def build_model(args: argparse.Namespace):
@@ -119,9 +198,37 @@ def build_model(args: argparse.Namespace):
         torch.set_num_threads(1)
     optional = {} if args.lora_lr is None else {"lora_lr": args.lora_lr}
     return load_model(args.model, device=args.device, precision=resolve_precision(args.precision),
-                      weighting=args.weighting, vsd_lora_timestep=args.vsd_lora_timestep,
+                      weighting=args.weighting or "uniform", vsd_lora_timestep=args.vsd_lora_timestep,
                       channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
                       **optional)
+
+
+def timestep_schedule(model, args: argparse.Namespace):
+    """Return the run's TimestepSchedule: args.t_schedule over args.t_range of the model's T timesteps."""
+    from guidance.core import TimestepSchedule
+
+    n = model.schedule.num_train_timesteps
+    low, high = getattr(args, "t_range", None) or METHODS[args.loss_type].t_range
+    min_step, max_step = max(1, int(n * low)), min(n - 1, int(n * high))
+    return TimestepSchedule(getattr(args, "t_schedule", None) or "random", min_step, max_step, args.step,
+                            int(n * getattr(args, "t_anneal_to", T_ANNEAL_TO)))
+
+
+@dataclass
+class StepInfo:
+    """What run() tells its callback after each optimisation step."""
+
+    step: int  # steps done, 1..total
+    total: int
+    loss: float | None  # this step's loss; None until it is read (on a GPU every LOSS_READ_EVERY steps)
+    losses: list  # every loss read so far, losses[i] of step i (run()'s own list: read it, do not change it)
+    t: int | None  # the timestep this step's loss used (None for a model that does not record it)
+    lr: float  # the learning rate this step's update used
+    image: Callable[[], torch.Tensor]  # decodes the current latents on demand: [B, 3, H, W] in [0, 1]
+
+
+class StopRequested(Exception):
+    """Raised inside run() when should_stop() says so: the run ends like Ctrl-C ('interrupted', image kept)."""
 
 
 @dataclass
@@ -161,8 +268,8 @@ class _ImageWriter:
 
 
 def initial_latents(model, args: argparse.Namespace, run_dir: Path):
-    """Return (latents to optimise, source latents or None): N(0, I) at the model's size, or the encoded source (PDS)."""
-    if args.loss_type != "pds":
+    """Return (latents to optimise, source latents or None): N(0, I) at the model's size, or the encoded source (edits)."""
+    if not METHODS[args.loss_type].edits:
         shape = model.latent_shape(args.num_particles)
         return torch.randn(shape, dtype=torch.float32).to(model.device), None
     source = load_image(args.src_img_path)
@@ -174,10 +281,15 @@ def initial_latents(model, args: argparse.Namespace, run_dir: Path):
     return src_latents.clone(), src_latents
 
 
-def run(model, args: argparse.Namespace, progress: bool = True, init_latents: torch.Tensor | None = None) -> RunResult:
+def run(model, args: argparse.Namespace, progress: bool = True, init_latents: torch.Tensor | None = None,
+        callback: Callable[[StepInfo], None] | None = None, should_stop: Callable[[], bool] | None = None) -> RunResult:
     """Return the result of optimising one image with args.loss_type against a loaded model, writing its files.
 
     init_latents, if given, replaces the starting latents (e.g. SDS started from a source image's latents).
+    callback, if given, gets a StepInfo after every step (StepInfo.image() decodes the current image: call it
+    inside the callback, and only as often as needed). should_stop, if given, is asked before every step; when it
+    returns True the run ends as Ctrl-C ends it: status 'interrupted', the current image in interrupted.png.
+    --log_guidance / --tensorboard (guidance/diagnostics.py) are written from the same loop.
 
     Files: <save_dir>/<name>.png (the result, written last of the images), and in <save_dir>/<name>/:
     run_config.json (every setting; 'status' becomes 'finished' only after the PNG is written),
@@ -202,20 +314,24 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
     if init_latents is not None:
         latents = init_latents.detach().to(device=model.device, dtype=torch.float32).clone()
     latents.requires_grad_(True)
-    if args.loss_type == "pds":
-        edit_embeddings = torch.cat([uncond, model.get_text_embeds(args.edit_prompt)])
+    method = METHODS[args.loss_type]
+    edit_embeddings = torch.cat([uncond, model.get_text_embeds(args.edit_prompt)]) if method.edits else None
+    timesteps = timestep_schedule(model, args)
+    context = StepContext(model, args, text_embeddings, edit_embeddings, src_latents,
+                          timesteps.min_step, timesteps.max_step)
 
     def loss_fn() -> torch.Tensor:
-        if args.loss_type == "sds":
-            return model.get_sds_loss(latents, text_embeddings, guidance_scale=args.guidance_scale)
-        if args.loss_type == "pds":
-            return model.get_pds_loss(src_latents, latents, text_embeddings, edit_embeddings,
-                                      guidance_scale=args.guidance_scale)
-        return model.get_vsd_loss(latents, text_embeddings, guidance_scale=args.guidance_scale)
+        return method.step(model, context, latents, timesteps(step), step, args.step)
 
     optimizer = torch.optim.AdamW([latents], lr=args.lr, weight_decay=0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, int(args.step * 1.5))
     writer = _ImageWriter()
+    diagnostics = None
+    if getattr(args, "log_guidance", False) or getattr(args, "tensorboard", None):
+        from guidance.diagnostics import GuidanceLog
+
+        diagnostics = GuidanceLog(run_dir, args.log_step, getattr(args, "log_guidance", False),
+                                  Path(args.tensorboard) / name if getattr(args, "tensorboard", None) else None)
     losses, status, step, started = [], "finished", 0, time.perf_counter()
     # Reading a loss back (.item()) makes the CPU wait for the GPU to finish the step, so the next step's kernels
     # cannot be queued meanwhile: on a GPU losses are read once per window of steps, and the latents at the start
@@ -225,6 +341,8 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
     bar = tqdm(range(args.step), desc=f"{args.loss_type} {name[:32]}", disable=not progress, dynamic_ncols=True)
     try:
         for step in bar:
+            if should_stop is not None and should_stop():
+                raise StopRequested
             if not pending:
                 window_start = step
                 if read_every > 1:
@@ -243,15 +361,23 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
                     break
                 losses.extend(values)
                 bar.set_postfix(loss=f"{values[-1]:.4g}", refresh=False)
+            lr = scheduler.get_last_lr()[0]
+            if diagnostics is not None:  # before the update: x, x_t, x0_hat and grad of this very step
+                diagnostics.after_loss(step, model, latents, losses, lr)
             (LOSS_SCALE * loss).backward()
             optimizer.step()
             scheduler.step()
             if args.log_step and step % args.log_step == 0:
                 writer.save(model.decode_latents(latents.detach()), run_dir / "progress" / f"step_{step:05d}.png",
                             compress_level=1)
+            if callback is not None:
+                record = getattr(model, "last_guidance", None)
+                callback(StepInfo(step + 1, args.step, losses[-1] if len(losses) == step + 1 else None, losses,
+                                  int(record["t"]) if record else None, lr,
+                                  lambda: model.decode_latents(latents.detach())))
         else:
             step = args.step
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested):
         status = "interrupted"
         losses.extend(torch.stack(pending).tolist()[:step - len(losses)] if pending else [])
     finally:
@@ -269,6 +395,8 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
         for i in range(images.shape[0]):
             writer.save(images[i:i + 1], run_dir / "particles" / f"particle_{i}.png")
     writer.close()
+    if diagnostics is not None:
+        diagnostics.close(losses)
     if getattr(args, "gif", False):
         write_progress_gif(run_dir)
     _write_losses(run_dir / "loss.csv", losses)

@@ -26,11 +26,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from guidance.methods import METHODS, OPTION_FLAGS
 from utils import CliParser, UserError, prompt_to_filename, run_cli, save_json_atomic
 
 REPO = Path(__file__).resolve().parent
-TASKS = ("sds", "pds", "vsd")  # also the order each process runs them in: VSD (which adds a LoRA) last
-EVAL_TASK = {"sds": "gen", "pds": "edit", "vsd": "gen"}
+# Every method of the table, in the order each process runs them: the course's three first, methods with a LoRA
+# (VSD) last, since a LoRA is only removed, never undone.
+TASKS = tuple(sorted(METHODS, key=lambda name: (METHODS[name].lora, name not in ("sds", "pds"))))
+COURSE_TASKS = ("sds", "pds", "vsd")
+EVAL_TASK = {name: "edit" if m.edits else "gen" for name, m in METHODS.items()}
 DEFAULT_PROMPTS = REPO / "data" / "prompt_img_pairs.json"
 TOY_PROMPTS = REPO / "data" / "toy_prompts.json"
 MANIFEST = "run_all.json"
@@ -39,7 +43,8 @@ PER_RUN_FLAGS = {"prompt": "--prompts FILE", "edit_prompt": "--prompts FILE", "s
                  "save_dir": "--out DIR", "loss_type": "--tasks", "seed": "--seeds"}
 # Settings that change a run's result: a finished run made with other values is redone.
 RESULT_KEYS = ("model", "loss_type", "prompt", "edit_prompt", "negative_prompt", "seed", "step", "guidance_scale",
-               "lr", "precision", "weighting", "num_particles", "lora_lr", "vsd_lora_timestep")
+               "lr", "precision", "weighting", "num_particles", "lora_lr", "vsd_lora_timestep", "t_schedule", "t_range",
+               "t_anneal_to", *OPTION_FLAGS)
 # Settings shown on the report's title page.
 SETTING_KEYS = ("guidance_scale", "step", "lr", "negative_prompt", "precision", "weighting", "num_particles",
                 "lora_lr", "vsd_lora_timestep", "log_step")
@@ -60,7 +65,7 @@ class Item:
 
     @property
     def name(self) -> str:
-        if self.task == "pds":
+        if METHODS[self.task].edits:
             return prompt_to_filename(self.edit_prompt) if self.edit_prompt else self.key
         return prompt_to_filename(self.prompt)
 
@@ -85,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other main.py flag (python main.py --help) passes through to each run, e.g. --model, --step, "
                "--guidance_scale (default per task: sds 25/500 steps, pds 7.5/200, vsd 7.5/500), --lr, --log_step, "
                "--device, --precision, --gif. Several processes: accelerate launch --num_processes N run_all.py ...")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to run (default: all three)")
+    p.add_argument("--tasks", nargs="+", default=list(COURSE_TASKS), choices=TASKS, metavar="TASK",
+                   help=f"methods to run (default: the course's {' '.join(COURSE_TASKS)}); any of {' '.join(TASKS)}")
     p.add_argument("--prompts", default=None,
                    help="course-schema prompts json {key: {prompt, edit_prompt, img_path}} (default "
                         "data/prompt_img_pairs.json; data/toy_prompts.json with --model toy)")
@@ -122,11 +128,24 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     ours.seeds = list(dict.fromkeys(ours.seeds))
     if ours.prompts is None:
         ours.prompts = str(TOY_PROMPTS if base.model == "toy" else DEFAULT_PROMPTS)
-    # Check the flags that all runs share now (e.g. --step 0), with a stand-in run.
-    probe = copy.copy(base)
+    for dest in OPTION_FLAGS:  # a method's own flag applies to that method's runs; one no task uses is a mistake
+        if getattr(base, dest) is not None and not any(dest in METHODS[t].options for t in ours.tasks):
+            owners = " / ".join(name for name, m in METHODS.items() if dest in m.options)
+            raise UserError(f"--{dest} belongs to {owners}, which --tasks does not include: drop it or add the task")
+    # Check the flags that all runs share now (e.g. --step 0), with a stand-in run of a generation task.
+    probe = _own_options(base, "sds")
     probe.prompt, probe.loss_type, probe.seed, probe.save_dir = "probe", "sds", 0, ours.out
     main.validate_args(probe)
     return ours, base
+
+
+def _own_options(base: argparse.Namespace, task: str) -> argparse.Namespace:
+    """Return a copy of the shared options without the method-specific flags that `task` does not own."""
+    args = copy.copy(base)
+    for dest in OPTION_FLAGS:
+        if dest not in METHODS[task].options:
+            setattr(args, dest, None)
+    return args
 
 
 def load_prompts(path: str) -> dict:
@@ -162,8 +181,9 @@ def build_items(ours: argparse.Namespace, prompts: dict) -> list[Item]:
     for task in ours.tasks:
         for seed in ours.seeds:
             for key, entry in prompts.items():
-                edit = entry.get("edit_prompt") if task == "pds" else None
-                src = entry.get("img_path") if task == "pds" else None
+                edits = METHODS[task].edits
+                edit = entry.get("edit_prompt") if edits else None
+                src = entry.get("img_path") if edits else None
                 item = Item(task, key, seed, entry["prompt"], edit if isinstance(edit, str) else None,
                             resolve_source(src, prompts_file) if isinstance(src, str) and src else None,
                             task_dir(out, task, seed, ours.seeds))
@@ -173,7 +193,7 @@ def build_items(ours: argparse.Namespace, prompts: dict) -> list[Item]:
                     if (first.prompt, first.edit_prompt, first.src_img_path) == (item.prompt, item.edit_prompt,
                                                                                  item.src_img_path):
                         continue  # the same run listed twice
-                    field_name = "edit_prompt" if task == "pds" else "prompt"
+                    field_name = "edit_prompt" if edits else "prompt"
                     raise UserError(f"prompts entries {first.key!r} and {key!r} would both write {task}/"
                                     f"{item.name}.png: give them different {field_name}s")
                 owner[slot] = item
@@ -185,10 +205,10 @@ def item_args(item: Item, base: argparse.Namespace) -> argparse.Namespace:
     """Return main.py's validated arguments for one run (UserError names what is wrong with this entry)."""
     import main
 
-    if item.task == "pds" and (item.edit_prompt is None or item.src_img_path is None):
+    if METHODS[item.task].edits and (item.edit_prompt is None or item.src_img_path is None):
         missing = "edit_prompt" if item.edit_prompt is None else "img_path"
-        raise UserError(f"prompts entry {item.key!r} has no {missing}, which PDS needs")
-    args = copy.copy(base)
+        raise UserError(f"prompts entry {item.key!r} has no {missing}, which {item.task.upper()} needs")
+    args = _own_options(base, item.task)
     args.prompt, args.edit_prompt, args.src_img_path = item.prompt, item.edit_prompt, item.src_img_path
     args.loss_type, args.seed, args.save_dir = item.task, item.seed, str(item.save_dir)
     return main.validate_args(args)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import math
 import os
 import random
+import re
 import sys
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.optim.lr_scheduler import LambdaLR
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: printed as one message, exit code 2, no traceback."""
+from guidance.common import (PRECISIONS, UserError, atomic_write_bytes, resolve_device,  # noqa: F401 (re-exported)
+                             resolve_precision, save_image_atomic, save_json_atomic)
 
 
 class CliParser(argparse.ArgumentParser):
@@ -39,46 +38,6 @@ def run_cli(main_fn) -> None:
     sys.exit(code or 0)
 
 
-def resolve_device(device: str | int | None) -> torch.device:
-    """Return the torch.device for 'cpu', 'cuda', 'cuda:N', 'mps', an integer GPU index, or None (best available)."""
-    if device is None or device == "":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    text = str(device).strip().lower()
-    if text.isdigit():
-        text = f"cuda:{text}"
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, an integer GPU index, or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} asked for CUDA, but no CUDA GPU is visible: use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible "
-                            f"(indices 0..{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise UserError(f"device {device!r}: MPS is not available on this machine: use --device cpu")
-    elif dev.type != "cpu":
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, an integer GPU index, or mps")
-    return dev
-
-
-def resolve_precision(precision: str | torch.dtype) -> torch.dtype:
-    """Return the torch dtype for 'fp32' | 'fp16' | 'bf16' (a torch dtype passes through; float64 for exact tests)."""
-    if isinstance(precision, torch.dtype):
-        if precision not in (*PRECISIONS.values(), torch.float64):
-            raise UserError(f"unsupported precision {precision}: use torch.float32, torch.float16 or torch.bfloat16")
-        return precision
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator seeded the same way."""
     random.seed(seed)
@@ -87,14 +46,76 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+# File names made from prompts: at most this many UTF-8 bytes, so that "<name>.png", its temporary twin
+# (".<name>.png.XXXXXXXX.tmp") and the run folder fit the usual 255-byte limit of a file name.
+MAX_NAME_BYTES = 120
+HASH_CHARS = 8
+# What no file name may hold on Linux, macOS or Windows: separators, Windows' reserved characters, and '..'.
+_UNSAFE_RUNS = re.compile(r'(?:[/\\<>:"|?*]|\.{2,})+')
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
+
+
+def _is_safe_name(name: str) -> bool:
+    """Return True when name is one plain file name on every common OS (see prompt_to_filename)."""
+    return (bool(name) and not name.startswith(".") and not name.endswith((".", " "))
+            and not _UNSAFE_RUNS.search(name)
+            and not any(unicodedata.category(ch)[0] == "C" for ch in name)  # control, format, surrogate, unassigned
+            and name.split(".")[0].rstrip(" ").upper() not in _WINDOWS_RESERVED
+            and len(name.encode("utf-8")) <= MAX_NAME_BYTES)
+
+
 def prompt_to_filename(prompt: str) -> str:
-    """Return the course's file stem for a prompt: spaces become underscores ("a cat" -> "a_cat")."""
-    return prompt.strip().replace(" ", "_")
+    """Return the file stem for a prompt: the course's (spaces become underscores, "a cat" -> "a_cat") when that is safe.
+
+    A prompt comes from a user or a browser, so the stem must be one plain file name inside the save folder
+    on Linux, macOS and Windows. When the course's stem is not (a path separator, '..', a leading dot, a
+    control character, a Windows-reserved name or character, a trailing dot, or more than MAX_NAME_BYTES
+    bytes), the offending characters become '_', the name is shortened, and '-' plus a short hash of the
+    whole prompt is appended, so that different prompts keep different names ("x/../../y" -> "x_y-<hash>").
+    eval.py and report.py read such a run's prompt back from its run_config.json.
+    """
+    name = prompt.strip().replace(" ", "_")
+    if _is_safe_name(name):
+        return name
+    digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    name = "".join("_" if unicodedata.category(ch)[0] == "C" else ch for ch in name)
+    name = _UNSAFE_RUNS.sub("_", name).lstrip(".")
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+        name = "_" + name
+    budget = MAX_NAME_BYTES - 1 - HASH_CHARS
+    name = name.encode("utf-8")[:budget].decode("utf-8", "ignore").rstrip(". _")
+    return f"{name}-{digest}" if name else digest
 
 
 def filename_to_prompt(stem: str) -> str:
-    """Return the prompt a course file stem stands for: underscores become spaces."""
+    """Return the prompt a course file stem stands for: underscores become spaces (see prompt_for_stem)."""
     return stem.replace("_", " ")
+
+
+def prompt_for_stem(folder: str | os.PathLike, stem: str, prompts: dict | None = None) -> str:
+    """Return the prompt whose image is <folder>/<stem>.png: from the run's run_config.json, else the prompts file.
+
+    main.py records the run's "prompt" and "edit_prompt" in <folder>/<stem>/run_config.json; the one whose
+    file name is stem is it (the edit prompt for editing runs). prompts is a course-schema prompts dict
+    ({key: {prompt, edit_prompt}}). Without either, the stem read as a course name (underscores -> spaces):
+    right for every prompt whose name is not shortened or hashed by prompt_to_filename.
+    """
+    import json
+
+    try:
+        config = json.loads((Path(folder) / stem / "run_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    candidates = []
+    if isinstance(config, dict):
+        candidates += [config.get("edit_prompt"), config.get("prompt")]
+    for entry in (prompts or {}).values():
+        if isinstance(entry, dict):
+            candidates += [entry.get("edit_prompt"), entry.get("prompt")]
+    for prompt in candidates:
+        if isinstance(prompt, str) and prompt.strip() and prompt_to_filename(prompt) == stem:
+            return prompt
+    return filename_to_prompt(stem)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -130,35 +151,6 @@ def torch_to_pil(tensor: torch.Tensor) -> Image.Image:
         tensor = tensor[0]
     array = tensor.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.round(array * 255.0).astype(np.uint8))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write data to path via a temporary file and rename, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_image_atomic(img: Image.Image, path: str | os.PathLike) -> None:
-    """Save a PIL image as PNG atomically (temp file + rename)."""
-    import io
-
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_json_atomic(obj, path: str | os.PathLike) -> None:
-    """Write obj as indented JSON atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=4, default=str) + "\n").encode())
 
 
 def check_writable_dir(path: str | os.PathLike) -> Path:

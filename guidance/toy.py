@@ -9,7 +9,7 @@ The "UNet" is the exact MMSE noise predictor of that mixture under Stable Diffus
 a = sqrt(abar_t), b = sqrt(1 - abar_t), v = a^2 s^2 + b^2,
     eps*(x_t) = sum_k w_k(x_t) b (x_t - a mu_k) / v,   w_k ~ pi_k N(x_t; a mu_k, v I),
 and the "text embedding" of a prompt is its log-prior over the templates. The latent is the image itself.
-SDS, PDS, VSD and classifier-free guidance run through ScoreDistillation (guidance/sd.py) unchanged; for
+Every loss and classifier-free guidance run through ScoreDistillation (guidance/losses.py) unchanged; for
 VSD the UNet carries a zero-initialised, time-modulated residual that peft's LoRA trains (ToyUNet).
 ToyScorer plays CLIP's role in eval.py (`--scorer toy`), and data/toy_prompts.json is a prompt set in the
 course's schema whose source images (a template plus a white patch no template has) this module renders:
@@ -32,8 +32,8 @@ import torch.nn as nn
 from PIL import Image
 
 from guidance.schedule import NoiseSchedule
-from guidance.sd import ScoreDistillation
-from utils import UserError, resolve_device, resolve_precision, save_image_atomic, save_json_atomic
+from guidance.losses import ScoreDistillation
+from guidance.common import UserError, resolve_device, resolve_precision, save_image_atomic, save_json_atomic
 
 SIZE = 64
 GRID = 3
@@ -298,9 +298,10 @@ class ToyDiffusion(ScoreDistillation):
         """Return the prompt's [1, K] log-prior over the templates (its 'text embedding')."""
         return prompt_log_prior(prompt).to(self.device)
 
-    def encode_imgs(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Return the latents of [B, 3, 64, 64] images in [0, 1]: the images themselves, in [-1, 1]."""
-        return (2 * imgs - 1).to(self.device, torch.float32)
+    def encode_imgs(self, imgs: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+        """Return the latents of [B, 3, 64, 64] images in [0, 1]: the images themselves, in [-1, 1] (with gradients if asked)."""
+        latents = (2 * imgs - 1).to(self.device, torch.float32)
+        return latents if requires_grad else latents.detach()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Return images in [0, 1] from latents in [-1, 1] (clamped)."""

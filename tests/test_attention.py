@@ -57,8 +57,10 @@ def test_folded_attention_matches_stock_outputs_and_gradients(batch, heads, cros
     assert query_lengths[1] == (folded_batch, heads, 1024 * batch // folded_batch, head_dim)
     torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dx, dx_ref, atol=1e-6, rtol=1e-5)
+    # Weight gradients sum over 1024 x batch tokens in another order once folded: float32 rounding of that sum
+    # reaches 1.2e-6 on this CPU (seen on 2026-12-02). A fold that mixes heads still fails the 1e-6 output checks above.
     for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g, g_ref, atol=3e-6, rtol=1e-5)
 
 
 def test_no_grad_calls_take_the_stock_path(monkeypatch):

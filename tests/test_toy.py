@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import main
-from guidance import sd
+from guidance import losses
 from guidance.sd import ScoreDistillation
 from guidance.toy import (TEMPLATES, ExactMixtureEps, Template, ToyDiffusion, ToyScorer, nearest_template, parse_prompt,
                           patch_mask, prompt_set, prompt_templates, render_source, render_template, shape_mask,
@@ -362,8 +362,8 @@ def test_4_vsd_particles_are_samples_of_the_class_and_the_lora_learns(tmp_path):
 
 # ------------------------------------------------------------------------------------------- mutants
 def test_sds_with_the_wrong_sign_fails_behaviour_1(model, tmp_path, monkeypatch):
-    reparam_loss = sd.reparam_loss
-    monkeypatch.setattr(sd, "reparam_loss", lambda x, grad: reparam_loss(x, -grad))
+    reparam_loss = losses.reparam_loss
+    monkeypatch.setattr(losses, "reparam_loss", lambda x, grad: reparam_loss(x, -grad))
     latents = distil(model, tmp_path, "--prompt", "a red circle", "--loss_type", "sds", "--step", "200")[1]
     assert sds_failures(latents)
 
