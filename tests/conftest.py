@@ -14,6 +14,8 @@ if str(REPO) not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from reference import ReferenceSchedule  # noqa: E402
+
 # The test models are tiny: a second CPU thread only spin-waits (and on a busy machine costs several times over).
 torch.set_num_threads(1)
 
@@ -32,3 +34,31 @@ def tiny_sd(tiny_sd_dir):
     from guidance.sd import StableDiffusion
 
     return StableDiffusion(str(tiny_sd_dir), device="cpu")
+
+
+# The float64 pair the gradient tests compare (tests/test_sd.py, tests/test_zoo.py): the model under test, and an
+# independently loaded plain UNet with the schedule recomputed from the scheduler's config (tests/reference.py).
+@pytest.fixture(scope="module")
+def reference(tiny_sd_dir):
+    """Return (float64 schedule, plain float64 UNet) loaded independently of StableDiffusion."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    config = DDPMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler").config
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").double().eval().requires_grad_(False)
+    return ReferenceSchedule(config), unet
+
+
+@pytest.fixture(scope="module")
+def sd64(tiny_sd_dir):
+    """Return the tiny StableDiffusion in float64 (latents passed in float64 keep every step in float64)."""
+    from guidance.sd import StableDiffusion
+
+    return StableDiffusion(str(tiny_sd_dir), device="cpu", precision=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def embeddings(sd64):
+    """Return cat[uncond, cond] text embeddings (float64) for two prompts."""
+    uncond = sd64.get_text_embeds("low quality")
+    return (torch.cat([uncond, sd64.get_text_embeds("a castle next to a river")]),
+            torch.cat([uncond, sd64.get_text_embeds("a golden castle next to a river")]))

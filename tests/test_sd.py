@@ -12,64 +12,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from guidance.schedule import NoiseSchedule
 from guidance.sd import StableDiffusion
+from reference import ReferenceSchedule, cfg_reference, randn
 
 ATOL = 1e-5
-
-
-class ReferenceSchedule:
-    """DDPM schedule tensors in float64, recomputed from the scheduler's config (scaled_linear)."""
-
-    def __init__(self, config):
-        assert config.beta_schedule == "scaled_linear"
-        self.betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps,
-                                    dtype=torch.float64) ** 2
-        self.alphas = 1 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
-
-    def add_noise(self, x0, noise, t):
-        return self.alphas_cumprod[t].sqrt() * x0 + (1 - self.alphas_cumprod[t]).sqrt() * noise
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_sd_dir):
-    """Return (float64 schedule, plain float64 UNet) loaded independently of StableDiffusion."""
-    config = DDPMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler").config
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").double().eval().requires_grad_(False)
-    return ReferenceSchedule(config), unet
-
-
-@pytest.fixture(scope="module")
-def sd64(tiny_sd_dir):
-    """Return the tiny StableDiffusion in float64 (latents passed in float64 keep every step in float64)."""
-    return StableDiffusion(str(tiny_sd_dir), device="cpu", precision=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def embeddings(sd64):
-    """Return cat[uncond, cond] text embeddings (float64) for two prompts."""
-    uncond = sd64.get_text_embeds("low quality")
-    return (torch.cat([uncond, sd64.get_text_embeds("a castle next to a river")]),
-            torch.cat([uncond, sd64.get_text_embeds("a golden castle next to a river")]))
-
-
-def randn(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-def cfg_reference(unet, x_t, t, text_embeddings, scale):
-    """Return eps_uncond + s (eps_cond - eps_uncond) for each row of x_t (one prompt pair per row, or one for all).
-
-    The UNet sees the batch in the layout the contract prescribes, [x_t; x_t] against [uncond rows; cond rows],
-    because CPU convolutions round differently per batch size (~1e-6, times the guidance scale).
-    """
-    batch = x_t.shape[0]
-    uncond, cond = text_embeddings.chunk(2)
-    uncond, cond = uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)
-    with torch.no_grad():
-        eps = unet(torch.cat([x_t, x_t]), torch.full((2 * batch,), t),
-                   encoder_hidden_states=torch.cat([uncond, cond])).sample
-    eps_u, eps_c = eps[:batch], eps[batch:]
-    return eps_u + scale * (eps_c - eps_u)
 
 
 def test_schedule_matches_diffusers(tiny_sd_dir):
