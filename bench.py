@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help=f"instead of the full benchmark, time the batch-2 floor and the SDS step under each of these "
                         f"comma-separated variants, interleaved: {', '.join(VARIANTS)}")
+    p.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
+                   help="instead of the full benchmark, time each method's step (loss, backward, AdamW) against its own "
+                        "UNet work: the very UNet calls the step made (rows and timesteps recorded), replayed bare under "
+                        "no_grad; no names: every method of guidance/methods.py but VSD (which the full run covers)")
     p.add_argument("--cache_dir", default=None,
                    help="where random-weight models are built (default: $XDG_CACHE_HOME or ~/.cache, /score-distillation)")
     return p
@@ -131,6 +135,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         unknown = [name for name in args.variants if name not in VARIANTS]
         if unknown or not args.variants:
             raise UserError(f"unknown --variants {', '.join(unknown) or '(none)'}: use some of {', '.join(VARIANTS)}")
+    if args.methods is not None:
+        from guidance.methods import METHODS
+
+        args.methods = args.methods or [name for name, m in METHODS.items() if not m.lora]
+        unknown = [name for name in args.methods if name not in METHODS or METHODS[name].lora]
+        if unknown:
+            raise UserError(f"unknown --methods {', '.join(unknown)}: use some of "
+                            f"{', '.join(n for n, m in METHODS.items() if not m.lora)} (VSD: the full benchmark)")
     if args.model not in RANDOM_MODELS + ("toy",) and not Path(args.model).expanduser().is_dir():
         raise UserError(f"unknown model {args.model!r}: use tiny, mid, sd21, toy, or a diffusers folder")
     return args
@@ -766,6 +778,117 @@ def run_variants(args: argparse.Namespace) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - started}
 
 
+METHOD_T = 500  # every method's step is timed at this t: ISM then inverts to s = 420 in 3 steps, SDI to 500 in 10
+
+
+def make_method_steps(model, names: list[str]) -> tuple[dict, dict]:
+    """Return (name -> step, name -> its UNet work) for methods of the table, and record each step's UNet calls.
+
+    A step is main.py's: the method's loss at t = METHOD_T (main.py's settings for it), backward, AdamW. Its UNet
+    work replays, bare and under no_grad, the calls a step made: same rows, same timesteps, same conditioning shape.
+    """
+    import torch
+
+    import main as main_py
+    from guidance.methods import METHODS, StepContext
+
+    shape, device = model.latent_shape(1), model.device
+    uncond = model.get_text_embeds("low quality")
+    steps, works, calls = {}, {}, {}
+    for name in names:
+        method = METHODS[name]
+        argv = ["--prompt", PROMPT, "--loss_type", name, "--model", "toy", "--save_dir", tempfile.gettempdir()]
+        args = main_py.build_parser().parse_args(argv)
+        args.edit_prompt = EDIT_PROMPT if method.edits else None
+        args.loss_type = name
+        method_args = main_py.validate_args(_without_source_check(args))
+        context = StepContext(model, method_args, torch.cat([uncond, model.get_text_embeds(PROMPT)]),
+                              torch.cat([uncond, model.get_text_embeds(EDIT_PROMPT)]),
+                              torch.randn(shape, device=device), model.min_step, model.max_step)
+        latents = torch.randn(shape, device=device).requires_grad_(True)
+        optimizer = torch.optim.AdamW([latents], lr=1e-3, weight_decay=0)
+
+        def step(method=method, context=context, latents=latents, optimizer=optimizer, n=method_args.step):
+            optimizer.zero_grad(set_to_none=True)
+            (main_py.LOSS_SCALE * method.step(model, context, latents, METHOD_T, n, n)).backward()
+            optimizer.step()
+
+        recorded = []
+        handle = getattr(model.unet, "_orig_mod", model.unet).register_forward_hook(
+            lambda m, a, kw, out: recorded.append((a[0].detach().clone(), a[1].detach().clone(),
+                                                   kw["encoder_hidden_states"].detach().clone())), with_kwargs=True)
+        try:
+            step()
+        finally:
+            handle.remove()
+        calls[name] = recorded
+
+        def work(recorded=recorded):
+            with torch.no_grad():
+                for x, timesteps, states in recorded:
+                    model._unet_output(x, timesteps, states)
+
+        steps[name], works[name] = step, work
+    return steps, works, calls
+
+
+def _without_source_check(args):
+    """Return args for validate_args with an editing method's source image (none is needed for timing) faked."""
+    import main as main_py
+
+    if main_py.METHODS[args.loss_type].edits:
+        path = Path(tempfile.gettempdir()) / "bench_source.png"
+        if not path.is_file():
+            from PIL import Image
+
+            Image.new("RGB", (64, 64), (200, 40, 40)).save(path)
+        args.src_img_path = str(path)
+    return args
+
+
+def run_methods(args: argparse.Namespace) -> dict:
+    """Return {'methods': name -> figures}: each method's step time, its UNet work's time, their ratio and its UNet rows."""
+    import torch
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = model_source(args.model, args.cache_dir)
+    _log(f"loading {source} ({args.device}, {args.precision})")
+    model = load(source, args)
+    steps, works, calls = make_method_steps(model, args.methods)
+    interleaved = {}
+    for name in args.methods:
+        interleaved[f"{name}/step"], interleaved[f"{name}/work"] = steps[name], works[name]
+    samples = time_rounds(interleaved, args.steps, args.warmup, args.device)
+    methods = {}
+    for name in args.methods:
+        step_s, work_s = samples[f"{name}/step"], samples[f"{name}/work"]
+        methods[name] = {
+            "step_s": statistics.median(step_s), "unet_work_s": statistics.median(work_s),
+            "ratio_to_unet_work": statistics.median(s / w for s, w in zip(step_s, work_s)),
+            "unet_calls": len(calls[name]), "unet_rows_per_step": sum(x.shape[0] for x, _, _ in calls[name]),
+            "unet_call_rows": [x.shape[0] for x, _, _ in calls[name]], "t": METHOD_T,
+            "step_samples_s": step_s, "unet_work_samples_s": work_s}
+    return {"model": args.model, "device": str(args.device), "device_name": device_name(args.device),
+            "precision": args.precision, "threads": torch.get_num_threads(), "rounds": args.steps,
+            "warmup": args.warmup, "methods": methods, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - started}
+
+
+def format_methods(result: dict) -> str:
+    """Return the human-readable table of a --methods result."""
+    lines = [f"{result['model']} on {result['device']} ({result['device_name']}, {result['threads']} threads), "
+             f"{result['precision']}; every step at t = {next(iter(result['methods'].values()))['t']}; median of "
+             f"{result['rounds']} rounds after {result['warmup']} warm-up; {result['date']}",
+             f"{'method':8s} {'step s':>9s} {'UNet work s':>12s} {'x work':>7s} {'calls':>6s} {'rows':>5s}  rows per call"]
+    for name, f in result["methods"].items():
+        lines.append(f"{name:8s} {f['step_s']:9.4f} {f['unet_work_s']:12.4f} {f['ratio_to_unet_work']:7.3f} "
+                     f"{f['unet_calls']:6d} {f['unet_rows_per_step']:5d}  {f['unet_call_rows']}")
+    lines.append(f"bench took {result['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
 def _with_cudnn_benchmark(fn):
     import torch
 
@@ -803,6 +926,9 @@ def main(argv=None) -> int:
     if args.variants:
         result = run_variants(args)
         table = format_variants(result)
+    elif args.methods is not None:
+        result = run_methods(args)
+        table = format_methods(result)
     else:
         result = run_benchmark(args)
         table = format_table(result)

@@ -154,3 +154,30 @@ def test_split_loop_takes_logging_off_from_the_steps_that_did_not_log():
     assert bench.split_loop(run, 0)["main_loop"]["time_s"] == pytest.approx(1.15)  # logging off: the median
     only_logging = bench.split_loop(run, 1)  # every step logs: no figure without logging from this run
     assert set(only_logging) == {"main_loop"} and only_logging["main_loop"]["time_s"] == pytest.approx(1.15)
+
+
+def test_methods_mode_times_every_method_against_the_unet_calls_it_made(tiny_sd_dir):
+    import io
+    from contextlib import redirect_stdout
+
+    from guidance.methods import METHODS
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert bench.main(["--model", str(tiny_sd_dir), "--device", "cpu", "--steps", "2", "--warmup", "0",
+                           "--methods", "--json"]) == 0
+    methods = json.loads(out.getvalue())["methods"]
+    assert set(methods) == {name for name, m in METHODS.items() if not m.lora}
+    # rows per UNet call, as each loss's docstring states (t = 500: ISM inverts to s = 420 in 3 steps)
+    expected_rows = {"sds": [2], "pds": [4], "nfsd": [3], "csd": [2], "dds": [4], "bridge": [2], "asd": [3],
+                     "ism": [1, 1, 1, 1, 2], "sdi": [1] * 10 + [2]}
+    for name, figure in methods.items():
+        assert figure["unet_call_rows"] == expected_rows[name], name
+        assert figure["unet_rows_per_step"] == sum(expected_rows[name])
+        per_round = [s / w for s, w in zip(figure["step_samples_s"], figure["unet_work_samples_s"])]
+        assert figure["ratio_to_unet_work"] == pytest.approx(statistics.median(per_round), rel=1e-12)
+
+
+def test_methods_mode_refuses_unknown_methods():
+    with pytest.raises(UserError, match="unknown --methods vsd, nope"):
+        bench.parse_args(["--model", "tiny", "--methods", "vsd", "nope"])
