@@ -65,7 +65,7 @@ def _is_safe_name(name: str) -> bool:
 
 
 def prompt_to_filename(prompt: str) -> str:
-    """Return the file stem for a prompt: the course's (spaces become underscores, "a cat" -> "a_cat") when that is safe.
+    """Return the file stem for a prompt: the course's (spaces -> underscores, "a cat" -> "a_cat") when that is safe.
 
     A prompt comes from a user or a browser, so the stem must be one plain file name inside the save folder
     on Linux, macOS and Windows. When the course's stem is not (a path separator, '..', a leading dot, a
