@@ -4,13 +4,15 @@
 
 Same numbers as the course's eval script, computed with open_clip instead of OpenAI's `clip` package:
 for every `*.png` directly in the folder (sub-folders hold progress images and are ignored), the prompt is
-the file stem with '_' -> ' ', and the score is F.cosine_similarity of the *unnormalised* CLIP ViT-B/32
+the file stem with '_' -> ' ' (or, for a name made safe from a hostile or long prompt, the prompt recorded in
+<name>/run_config.json or the --prompts file), and the score is F.cosine_similarity of the *unnormalised* CLIP ViT-B/32
 image and text features (OpenAI weights, float32). eval.json keeps the course's schema:
 {"source_dir": FOLDER, "FOLDER/<name>.png": cos_sim, ..., "score": mean}.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from utils import UserError, filename_to_prompt, prompt_to_filename, resolve_device, run_cli, save_json_atomic
+from utils import UserError, prompt_for_stem, prompt_to_filename, resolve_device, run_cli, save_json_atomic
 
 CLIP_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
@@ -29,6 +31,11 @@ RANDOM_INIT_SEED = 0  # `--clip_pretrained none` builds the same random CLIP eve
 BATCH_SIZE = 32
 TASKS = ("gen", "edit")
 EVAL_FILENAME = "eval.json"
+# --metrics: clip is the course's score (eval.json's per-image values and "score"); the others are for edits and go
+# under eval.json's "metrics" key, {metric: {<name>.png: value, ..., "mean": m}}.
+METRICS = ("clip", "clip_direction", "lpips")
+EXTRA_KEYS = ("source_dir", "score", "metrics")  # eval.json keys that are not per-image CLIP scores
+LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"  # what lpips' AlexNet loads through torchvision
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,6 +77,61 @@ class ClipScorer:
             cos_sim = F.cosine_similarity(image_features, text_features[rows])
             scores.extend(float(value) for value in cos_sim.cpu())
         return scores
+
+    @torch.no_grad()
+    def direction(self, results: list[Image.Image], sources: list[Image.Image], src_prompts: list[str],
+                  edit_prompts: list[str]) -> list[float]:
+        """Return InstructPix2Pix's directional CLIP similarity of each edit: the cosine between the change of the
+        (normalised) image features source -> result and that of the text features source prompt -> edit prompt."""
+        def image_features(images):
+            batch = torch.stack([self.preprocess(img) for img in images]).to(self.device)
+            return F.normalize(self.model.encode_image(batch), dim=-1)
+
+        def text_features(prompts):
+            return F.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)), dim=-1)
+
+        image_change = image_features(results) - image_features(sources)
+        text_change = text_features(edit_prompts) - text_features(src_prompts)
+        return [float(v) for v in F.cosine_similarity(image_change, text_change).cpu()]
+
+
+class LpipsMetric:
+    """LPIPS distance (AlexNet, the lpips package) between each edit and its source: 0 for the same image."""
+
+    def __init__(self, device: torch.device, weights: str = "pretrained"):
+        try:
+            import lpips
+        except ModuleNotFoundError:
+            raise UserError("--metrics lpips needs the lpips package: pip install lpips") from None
+        self.device = device
+        if weights == "none":  # random backbone and heads: tests only
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                self.model = lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False)
+            print("WARNING: --lpips_weights none: LPIPS has RANDOM weights (tests only)", file=sys.stderr)
+        else:
+            backbone = lpips_backbone_path()
+            try:
+                self.model = lpips.LPIPS(net="alex", verbose=False)
+            except (OSError, RuntimeError) as err:  # URLError is an OSError: offline, no cached AlexNet
+                raise UserError(
+                    f"LPIPS needs torchvision's AlexNet weights {backbone}, which are not on this machine and could "
+                    f"not be downloaded ({err.__class__.__name__}). Fix: copy {LPIPS_BACKBONE} there from a machine "
+                    f"with internet (python -c 'import torchvision; torchvision.models.alexnet(weights=\"DEFAULT\")'), "
+                    f"or drop lpips from --metrics") from None
+        self.model = self.model.to(device).eval()
+
+    @torch.no_grad()
+    def distance(self, results: list[Image.Image], sources: list[Image.Image]) -> list[float]:
+        """Return LPIPS(result, source) per pair (the result resized to its source's size, images in [-1, 1])."""
+        import numpy as np
+
+        def tensor(img, size):
+            img = img.convert("RGB").resize(size, Image.BICUBIC) if img.size != size else img.convert("RGB")
+            array = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+            return array.permute(2, 0, 1)[None].to(self.device)
+
+        return [float(self.model(tensor(r, s.size), tensor(s, s.size))) for r, s in zip(results, sources)]
 
 
 def make_scorer(kind: str = "clip", device=None, clip_pretrained: str | None = DEFAULT_PRETRAINED):
@@ -269,17 +331,58 @@ def _read_png(path: str) -> Image.Image:
 # API and CLI
 
 
+def lpips_backbone_path() -> Path:
+    """Return where torchvision keeps (or would download) the AlexNet weights LPIPS needs."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE
+
+
+@functools.lru_cache(maxsize=2)
+def lpips_metric(device: str, weights: str = "pretrained") -> LpipsMetric:
+    """Return the LPIPS metric for a device, built once per process."""
+    return LpipsMetric(torch.device(device), weights)
+
+
+def edit_sources(fdir: str, names: list[str]) -> tuple[list[Image.Image], list[str]]:
+    """Return (source images, source prompts) of the edits <fdir>/<name>.png, from their run folders (main.py writes
+    <name>/source.png, the source as the model saw it, and the prompts in <name>/run_config.json)."""
+    images, prompts = [], []
+    for name in names:
+        run_dir = Path(fdir) / Path(name).stem
+        try:
+            config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        source = run_dir / "source.png"
+        if not source.is_file() and config.get("src_img_path"):
+            source = Path(config["src_img_path"])
+        if not source.is_file() or not isinstance(config.get("prompt"), str):
+            raise UserError(f"{name}: clip_direction and lpips compare an edit with its source, but {run_dir} has no "
+                            f"source.png or run_config.json with the source prompt: score edits that main.py wrote, "
+                            f"or use --metrics clip")
+        images.append(_read_png(str(source)))
+        prompts.append(config["prompt"])
+    return images, prompts
+
+
 def evaluate_dir(fdir, scorer=None, prompts_file=None, task=None, device=None,
-                 clip_pretrained: str | None = DEFAULT_PRETRAINED, allow_missing: bool = False) -> dict:
-    """Return the course-schema eval dict for the prompt-named PNGs in fdir, also written to fdir/eval.json."""
+                 clip_pretrained: str | None = DEFAULT_PRETRAINED, allow_missing: bool = False,
+                 metrics=("clip",), lpips_weights: str = "pretrained") -> dict:
+    """Return the course-schema eval dict for the prompt-named PNGs in fdir, also written to fdir/eval.json.
+
+    metrics beyond 'clip' (clip_direction, lpips: edits only) go under the dict's "metrics" key.
+    """
     fdir = str(fdir)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown --metrics {', '.join(unknown)}: use some of {', '.join(METRICS)}")
     if not os.path.exists(fdir):
         raise UserError(f"folder not found: {fdir}. Pass the folder holding the generated PNGs as --fdir1")
     if not os.path.isdir(fdir):
         raise UserError(f"--fdir1 {fdir} is a file, not a folder: pass the folder that holds the PNGs")
     found = list_prompt_pngs(fdir)
-    if prompts_file is not None:
-        names, task = select_files(found, load_prompts_file(prompts_file), task, allow_missing, fdir)
+    prompts_data = load_prompts_file(prompts_file) if prompts_file is not None else None
+    if prompts_data is not None:
+        names, task = select_files(found, prompts_data, task, allow_missing, fdir)
     else:
         names = found
     if not names:
@@ -289,7 +392,9 @@ def evaluate_dir(fdir, scorer=None, prompts_file=None, task=None, device=None,
     # Read every image before paying for a model load. Scorers get them in the file's mode (RGB for all this
     # project writes): CLIP's preprocess resizes before it converts to RGB, and the course's numbers depend on it.
     images = [_read_png(path) for path in paths]
-    prompts = [filename_to_prompt(Path(name).stem) for name in names]
+    # A name is the prompt (the course's) unless prompt_to_filename had to make it safe or short: then the
+    # run's run_config.json, or the prompts file, says which prompt it stands for.
+    prompts = [prompt_for_stem(fdir, Path(name).stem, prompts_data) for name in names]
     if scorer is None or isinstance(scorer, str):
         scorer = make_scorer(scorer or "clip", device=device, clip_pretrained=clip_pretrained)
     scores = [float(s) for s in scorer.score(images, prompts)]
@@ -298,6 +403,19 @@ def evaluate_dir(fdir, scorer=None, prompts_file=None, task=None, device=None,
     result: dict = {"source_dir": fdir}
     result.update(zip(paths, scores))
     result["score"] = sum(scores) / len(scores)
+    extra = [m for m in dict.fromkeys(metrics) if m != "clip"]
+    if extra:
+        sources, src_prompts = edit_sources(fdir, names)
+        result["metrics"] = {}
+        for metric in extra:
+            if metric == "clip_direction":
+                if not hasattr(scorer, "direction"):
+                    raise UserError("--metrics clip_direction needs CLIP (--scorer clip): the toy scorer has no "
+                                    "image and text embeddings")
+                values = scorer.direction(images, sources, src_prompts, prompts)
+            else:
+                values = lpips_metric(str(resolve_device(device)), lpips_weights).distance(images, sources)
+            result["metrics"][metric] = dict(zip(names, values), mean=sum(values) / len(values))
     save_json_atomic(result, os.path.join(fdir, EVAL_FILENAME))
     return result
 
@@ -320,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="auto", choices=["auto", *TASKS],
                         help="with --prompts: gen expects <prompt>.png, edit expects <edit_prompt>.png "
                              "(default auto: whichever matches more files)")
+    parser.add_argument("--metrics", nargs="+", default=["clip"], choices=METRICS,
+                        help="clip: the course's CLIP score (always computed, eval.json's schema); for edits also "
+                             "clip_direction (InstructPix2Pix's directional similarity, same CLIP) and lpips (to the "
+                             "source, AlexNet), under eval.json's 'metrics' key")
+    parser.add_argument("--lpips_weights", default="pretrained", choices=["pretrained", "none"],
+                        help="lpips: torchvision's AlexNet (pretrained, default) or random weights (none: tests only)")
     parser.add_argument("--allow_missing", action="store_true",
                         help="with --prompts: score what exists even if expected images are missing")
     return parser
@@ -330,10 +454,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device) if args.scorer == "clip" else args.device
     result = evaluate_dir(args.fdir1, scorer=args.scorer, prompts_file=args.prompts, task=args.task,
-                          device=device, clip_pretrained=args.clip_pretrained, allow_missing=args.allow_missing)
-    entries = {key: value for key, value in result.items() if key not in ("source_dir", "score")}
+                          device=device, clip_pretrained=args.clip_pretrained, allow_missing=args.allow_missing,
+                          metrics=args.metrics, lpips_weights=args.lpips_weights)
+    entries = {key: value for key, value in result.items() if key not in EXTRA_KEYS}
     for path, value in entries.items():
         print(f"{value:.4f}  {os.path.basename(path)}")
+    for metric, values in result.get("metrics", {}).items():
+        print(f"{metric}: mean {values['mean']:.4f} over {len(values) - 1} edits")
     print(f"score {result['score']:.4f} (mean of {len(entries)} images); "
           f"wrote {os.path.join(args.fdir1, EVAL_FILENAME)}")
     return 0

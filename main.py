@@ -26,6 +26,7 @@ from utils import (PRECISIONS, CliParser, UserError, check_writable_dir, get_cos
                    atomic_write_bytes, pil_to_torch, prompt_to_filename, resolve_device, resolve_precision, run_cli,
                    save_image_atomic, save_json_atomic, seed_everything, torch_to_pil)
 from guidance.methods import LOSS_TYPES, METHODS, OPTION_FLAGS, StepContext  # the one table of methods
+from guidance.generators import GENERATORS, check_args as check_generator_args, from_args as generator_from_args
 
 # The course's settings per loss: (guidance scale, optimisation steps), read from the table.
 LOSS_DEFAULTS = {name: (m.guidance_scale, m.steps) for name, m in METHODS.items()}
@@ -75,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     for dest, (kind, text) in OPTION_FLAGS.items():
         p.add_argument(f"--{dest}", type=kind, default=None, help=text)
     p.add_argument("--num_particles", type=int, default=1, help="VSD particles (images optimised together)")
+    p.add_argument("--generator", type=str, default="latent", choices=GENERATORS,
+                   help="what is optimised: the latents (the course), pixels, 2D gaussians, or vector shapes (also an SVG)")
+    p.add_argument("--render_size", type=int, default=None, help="pixels / gaussians / vector: render size in pixels "
+                                                                  "(default: the model's resolution)")
+    p.add_argument("--num_shapes", type=int, default=None, help="gaussians / vector: how many (default 256)")
+    p.add_argument("--pixel_size", type=int, default=None, help="pixels: theta's resolution, upsampled to the render")
+    p.add_argument("--augment", action="store_true", help="pixels / gaussians / vector: a random view (crop and "
+                                                          "perspective) of the render each step")
     p.add_argument("--lora_lr", type=float, default=None, help="VSD: AdamW learning rate of the LoRA (default: the model's, 1e-4 for SD)")
     p.add_argument("--vsd_lora_timestep", type=str, default="fresh", choices=VSD_LORA_TIMESTEPS,
                    help="VSD: train the LoRA at a fresh t (default) or on the same x_t as the gradient (faster)")
@@ -87,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_guidance", action="store_true",
                    help="every --log_step steps, save a panel of x, x_t, x0_hat and |grad| to <save_dir>/<name>/guidance/")
     p.add_argument("--tensorboard", type=str, default=None, metavar="DIR",
-                   help="log loss, |grad|, t, lr, LoRA loss and the guidance panels to DIR/<name> for TensorBoard")
+                   help="log loss, |grad|, t, lr, LoRA loss and the guidance panels for TensorBoard, in "
+                        "DIR/<loss_type>/<name>/seed_<seed>")
     return p
 
 
@@ -128,6 +138,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                             f"generation methods")
         load_image(args.src_img_path)  # a missing or unreadable image fails here, not after loading the model
     _check_timesteps(args)
+    if method.sampler is not None and getattr(args, "generator", "latent") != "latent":
+        raise UserError(f"--loss_type {args.loss_type} samples latents with the model itself: drop --generator "
+                        f"{args.generator}")
+    check_generator_args(args)
     from guidance.sd import resolve_channels_last, resolve_cuda_graphs
 
     device = resolve_device(args.device)
@@ -179,7 +193,7 @@ def _check_timesteps(args: argparse.Namespace, num_train_timesteps: int = 1000) 
         raise UserError(f"--sdi_eta {args.sdi_eta:g} must be in [0, 1] (0: deterministic inversion, 1: SDS)")
     if args.bridge_start is not None and not 0.0 <= args.bridge_start <= 1.0:
         raise UserError(f"--bridge_start {args.bridge_start:g} must be a fraction of the steps in [0, 1], e.g. 0.5")
-    for dest in ("ism_delta_t", "ism_delta_s"):
+    for dest in ("ism_delta_t", "ism_delta_s", "ddim_steps"):
         if getattr(args, dest) is not None and getattr(args, dest) < 1:
             raise UserError(f"--{dest} {getattr(args, dest)} must be at least 1")
 
@@ -295,6 +309,8 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
     run_config.json (every setting; 'status' becomes 'finished' only after the PNG is written),
     progress/step_NNNNN.png every --log_step steps, loss.csv, source.png (PDS), particles/ (several particles).
     """
+    if METHODS[args.loss_type].sampler is not None:
+        return run_sampler(model, args, progress)
     save_dir = check_writable_dir(args.save_dir)
     name = output_name(args)
     run_dir = save_dir / name
@@ -314,6 +330,10 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
     if init_latents is not None:
         latents = init_latents.detach().to(device=model.device, dtype=torch.float32).clone()
     latents.requires_grad_(True)
+    # theta -> latents: the generator sits between the optimiser and the losses. Others than 'latent' start from a
+    # fit to the image an edit starts from (or init_latents), else from their own initialisation.
+    starts_from_image = src_latents is not None or init_latents is not None
+    generator = generator_from_args(args, model, latents, latents if starts_from_image else None)
     method = METHODS[args.loss_type]
     edit_embeddings = torch.cat([uncond, model.get_text_embeds(args.edit_prompt)]) if method.edits else None
     timesteps = timestep_schedule(model, args)
@@ -323,16 +343,18 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
     def loss_fn() -> torch.Tensor:
         return method.step(model, context, latents, timesteps(step), step, args.step)
 
-    optimizer = torch.optim.AdamW([latents], lr=args.lr, weight_decay=0)
+    optimizer = torch.optim.AdamW(generator.param_groups(args.lr), lr=args.lr, weight_decay=0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, int(args.step * 1.5))
     writer = _ImageWriter()
     diagnostics = None
     if getattr(args, "log_guidance", False) or getattr(args, "tensorboard", None):
         from guidance.diagnostics import GuidanceLog
 
+        tensorboard = getattr(args, "tensorboard", None)  # one TensorBoard run per method, prompt and seed
         diagnostics = GuidanceLog(run_dir, args.log_step, getattr(args, "log_guidance", False),
-                                  Path(args.tensorboard) / name if getattr(args, "tensorboard", None) else None)
+                                  Path(tensorboard, args.loss_type, name, f"seed_{args.seed}") if tensorboard else None)
     losses, status, step, started = [], "finished", 0, time.perf_counter()
+    unet_rows = UnetRowCounter(model)
     # Reading a loss back (.item()) makes the CPU wait for the GPU to finish the step, so the next step's kernels
     # cannot be queued meanwhile: on a GPU losses are read once per window of steps, and the latents at the start
     # of each window are kept, so that a loss that turns NaN/inf still leaves the last image read as finite.
@@ -346,8 +368,9 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
             if not pending:
                 window_start = step
                 if read_every > 1:
-                    window_latents = latents.detach().clone()
+                    window_latents = generator.state()
             optimizer.zero_grad(set_to_none=True)
+            latents = generator.latents(model)
             loss = loss_fn()
             pending.append(loss.detach())
             if len(pending) == read_every or step == args.step - 1:
@@ -357,7 +380,7 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
                     losses.extend(values[:bad])
                     status, step = "diverged", window_start + bad
                     if window_latents is not None:  # later steps of the window already took the NaN gradients
-                        latents.data.copy_(window_latents)
+                        generator.load_state(window_latents)
                     break
                 losses.extend(values)
                 bar.set_postfix(loss=f"{values[-1]:.4g}", refresh=False)
@@ -368,13 +391,13 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
             optimizer.step()
             scheduler.step()
             if args.log_step and step % args.log_step == 0:
-                writer.save(model.decode_latents(latents.detach()), run_dir / "progress" / f"step_{step:05d}.png",
+                writer.save(generator.image(model), run_dir / "progress" / f"step_{step:05d}.png",
                             compress_level=1)
             if callback is not None:
                 record = getattr(model, "last_guidance", None)
                 callback(StepInfo(step + 1, args.step, losses[-1] if len(losses) == step + 1 else None, losses,
                                   int(record["t"]) if record else None, lr,
-                                  lambda: model.decode_latents(latents.detach())))
+                                  lambda: generator.image(model)))
         else:
             step = args.step
     except (KeyboardInterrupt, StopRequested):
@@ -382,15 +405,19 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
         losses.extend(torch.stack(pending).tolist()[:step - len(losses)] if pending else [])
     finally:
         bar.close()
-    if status == "finished" and not torch.isfinite(latents).all():
+        unet_rows.close()
+    if status == "finished" and not generator.finite():
         status = "diverged"
 
-    images = model.decode_latents(latents.detach())
+    with torch.no_grad():
+        latents = generator.latents(model)  # of the final theta (the loop's are one update behind)
+    images = generator.image(model)
     if status == "finished":
         image_path = final_path
     else:
         image_path = run_dir / ("last_finite.png" if status == "diverged" else "interrupted.png")
     writer.save(images, image_path)
+    generator.save(image_path.parent, image_path.stem)  # the vector generator's SVG beside the PNG
     if images.shape[0] > 1:
         for i in range(images.shape[0]):
             writer.save(images[i:i + 1], run_dir / "particles" / f"particle_{i}.png")
@@ -402,9 +429,74 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
     _write_losses(run_dir / "loss.csv", losses)
     seconds = time.perf_counter() - started
     config.update(status=status, steps_done=step, seconds=round(seconds, 3),
-                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"), image=str(image_path))
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"), image=str(image_path),
+                  **_result_figures(latents, run_dir, unet_rows.close(), step))
     save_json_atomic(config, run_dir / "run_config.json")
     return RunResult(status, image_path, run_dir, step, losses, seconds, latents.detach())
+
+
+class UnetRowCounter:
+    """Counts the batch rows of every UNet forward while it is open (forward hook); close() returns the count."""
+
+    def __init__(self, model):
+        self.rows = 0
+        unet = getattr(getattr(model, "unet", None), "_orig_mod", getattr(model, "unet", None))
+        self._handle = unet.register_forward_hook(self._count) if isinstance(unet, torch.nn.Module) else None
+
+    def _count(self, module, inputs, output):
+        self.rows += int(inputs[0].shape[0]) if inputs else 0
+
+    def close(self) -> int:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return self.rows  # the same count when closed again
+
+
+def _result_figures(latents: torch.Tensor, run_dir: Path, rows: int, steps: int) -> dict:
+    """Return the run's measured figures for run_config.json, after saving its final latents as latents.pt."""
+    buffer = io.BytesIO()
+    torch.save(latents.detach().float().cpu(), buffer)
+    atomic_write_bytes(run_dir / "latents.pt", buffer.getvalue())
+    return {"max_abs": float(latents.detach().abs().max()), "unet_rows": rows,
+            "unet_rows_per_step": rows / steps if steps else None}
+
+
+def run_sampler(model, args: argparse.Namespace, progress: bool = True) -> RunResult:
+    """Return the result of a sampler method (ddim): the model's own sample of the prompt, written as run() writes."""
+    method = METHODS[args.loss_type]
+    save_dir = check_writable_dir(args.save_dir)
+    name = output_name(args)
+    run_dir, final_path = save_dir / name, save_dir / f"{name}.png"
+    config = dict(vars(args), name=name, final_image=str(final_path), status="running", device=str(model.device),
+                  started=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__, command=sys.argv)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json_atomic(config, run_dir / "run_config.json")
+    model.reset_lora()
+    seed_everything(args.seed)
+    text_embeddings = torch.cat([model.get_text_embeds(args.negative_prompt), model.get_text_embeds(args.prompt)])
+    x_T = torch.randn(model.latent_shape(args.num_particles), dtype=torch.float32).to(model.device)
+    started, unet_rows = time.perf_counter(), UnetRowCounter(model)
+    context = StepContext(model, args, text_embeddings)
+    with torch.no_grad():
+        latents = method.sampler(model, context, x_T)
+    steps = args.ddim_steps
+    writer = _ImageWriter()
+    images = model.decode_latents(latents)
+    writer.save(images, final_path)
+    if images.shape[0] > 1:
+        for i in range(images.shape[0]):
+            writer.save(images[i:i + 1], run_dir / "particles" / f"particle_{i}.png")
+    writer.close()
+    _write_losses(run_dir / "loss.csv", [])
+    seconds = time.perf_counter() - started
+    config.update(status="finished", steps_done=steps, seconds=round(seconds, 3),
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"), image=str(final_path),
+                  **_result_figures(latents, run_dir, unet_rows.close(), steps))
+    save_json_atomic(config, run_dir / "run_config.json")
+    if progress:
+        print(f"{args.loss_type}: {steps} DDIM steps in {seconds:.1f} s")
+    return RunResult("finished", final_path, run_dir, steps, [], seconds, latents.detach())
 
 
 def write_progress_gif(run_dir: Path, seconds_per_frame: float = 0.2) -> Path | None:

@@ -6,7 +6,8 @@
 Pages: a title page (run settings; per task the mean score against the course's CLIP thresholds 0.26 and
 0.28, with its spread over seeds or images); per task a grid of every image captioned with its prompt and
 score (PDS: source and result side by side with both prompts); per task, for every run, a strip of its
-progress images and its loss curve. Scores come from each folder's eval.json. Anything missing (an image,
+progress images and its loss curve; for runs made with --log_guidance, their guidance panels (x, x_t, x0_hat,
+|grad|; guidance/diagnostics.py). Scores come from each folder's eval.json. Anything missing (an image,
 an eval.json, a loss.csv) is drawn as a grey box or a line saying what is missing; it never stops the report.
 """
 from __future__ import annotations
@@ -20,12 +21,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import CliParser, UserError, filename_to_prompt, run_cli
+from guidance.methods import METHODS
+from utils import CliParser, UserError, prompt_for_stem, run_cli
 
-TASKS = ("sds", "pds", "vsd")
-TASK_TITLES = {"sds": "SDS: Score Distillation Sampling (generation)",
-               "pds": "PDS: Posterior Distillation Sampling (editing)",
-               "vsd": "VSD: Variational Score Distillation (generation)"}
+# Every method of the table, in the comparison's order: the reference sampler, generation (LoRA last), edits.
+TASKS = tuple(sorted(METHODS, key=lambda t: (METHODS[t].edits, t != "ddim", METHODS[t].lora, list(METHODS).index(t))))
+TASK_TITLES = {name: f"{name.upper()}: {m.title} ({'editing' if m.edits else 'generation'})"
+               for name, m in METHODS.items()}
+COMPARISON = "comparison.json"
+MAX_CHART_TASKS = 6  # the title page's bar chart beside its table; with more tasks the comparison page says it all
 THRESHOLDS = (0.26, 0.28)  # the course's grades: >= 0.28 full points, >= 0.26 half, below 0.26 none
 MANIFEST = "run_all.json"
 PAGE = (11.69, 8.27)  # A4 landscape, inches
@@ -61,7 +65,7 @@ class Run:
 
     @property
     def caption_prompt(self) -> str:
-        return self.edit_prompt if self.task == "pds" and self.edit_prompt else self.prompt
+        return self.edit_prompt if _edits(self.task) and self.edit_prompt else self.prompt
 
     @property
     def status(self) -> str:
@@ -127,10 +131,11 @@ def _discover_runs(task: str, folder: Path, seed) -> list[Run]:
     runs = []
     for name in sorted(names):
         config = _read_json(folder / name / "run_config.json")
-        prompt = (config or {}).get("prompt") or filename_to_prompt(name)
-        edit = (config or {}).get("edit_prompt") if task == "pds" else None
-        if task == "pds" and not edit:
-            edit = filename_to_prompt(name)
+        # The name is the prompt only for ordinary prompts (prompt_to_filename makes hostile or long ones safe).
+        prompt = (config or {}).get("prompt") or prompt_for_stem(folder, name)
+        edit = (config or {}).get("edit_prompt") if _edits(task) else None
+        if _edits(task) and not edit:
+            edit = prompt_for_stem(folder, name)
         runs.append(Run(task, name, prompt, edit, (config or {}).get("seed", seed), folder, config))
     return runs
 
@@ -190,12 +195,24 @@ def _attach_scores(result: TaskResult, out: Path, eval_errors: dict) -> None:
             continue
         if error:
             result.notes.append(f"the last evaluation of {where} failed ({error}); eval.json is older")
-        by_name = {Path(k).name: v for k, v in evaluation.items() if k not in ("source_dir", "score")}
+        by_name = {Path(k).name: v for k, v in evaluation.items() if k not in ("source_dir", "score", "metrics")}
         for run in runs:
             value = by_name.get(run.image.name)
             run.score = float(value) if isinstance(value, (int, float)) else None
         score = evaluation.get("score")
         result.seed_scores[runs[0].seed] = float(score) if isinstance(score, (int, float)) else None
+
+
+def _edits(task: str) -> bool:
+    return task in METHODS and METHODS[task].edits
+
+
+def _read_list(path: Path) -> list | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, list) else None
 
 
 # ----------------------------------------------------------------------------------------------- drawing helpers
@@ -328,7 +345,7 @@ def title_page(report: Report):
             color = _grade_color(result.mean) if name in ("Mean score", "Course grade") else "black"
             page.text(x, y, _wrap(cell, width - 0.1, FONT, 2), color=color)
             x += width
-        y += 0.42
+        y += 0.42 if len(report.tasks) <= MAX_CHART_TASKS else 0.3
     if not report.tasks:
         page.text(MARGIN, y, "No task folders (sds/, pds/, vsd/) and no run_all.json here: nothing to report.",
                   color="#aa0000")
@@ -359,10 +376,99 @@ def title_page(report: Report):
     if len(notes) > 12:
         page.text(MARGIN, y, f"… and {len(notes) - 12} more notes", color="#aa0000")
 
-    # The mean score per task against the thresholds.
-    ax = page.axes(7.75, 4.25, 3.45, 3.3)
-    _score_chart(ax, report.tasks)
+    # The mean score per task against the thresholds (with many tasks the comparison page that follows says it).
+    if len(report.tasks) <= MAX_CHART_TASKS:
+        ax = page.axes(7.75, 4.25, 3.45, 3.3)
+        _score_chart(ax, report.tasks)
     return page.fig
+
+
+# (column title, width in inches, comparison.json key, format); a column shows only when some row has its key.
+COMPARISON_COLUMNS = (
+    ("Task", 1.2, "task", "{}"), ("Images", 0.6, "images", "{}"),
+    ("Score mean ± std", 1.35, "score_mean", None), ("s / step", 0.7, "seconds_per_step", "{:.4f}"),
+    ("UNet rows / step", 1.0, "unet_forwards_per_step", "{:g}"), ("max |x|", 0.65, "max_abs", "{:.2f}"),
+    ("Template MSE", 0.95, "template_mse", "{:.4f}"), ("Residual std", 0.9, "residual_std", "{:.4f}"),
+    ("Class acc.", 0.75, "class_accuracy", "{:.2f}"), ("Diversity", 0.7, "diversity", "{:.2f}"),
+    ("Patch", 0.55, "patch", "{:.2f}"), ("CLIP dir.", 0.7, "clip_direction", "{:.3f}"), ("LPIPS", 0.6, "lpips", "{:.3f}"),
+)
+COMPARISON_NOTES = (
+    "Score: the task's eval.json values (CLIP cosine similarity, or the toy scorer's probability), mean ± std over "
+    "every image and seed. s / step: median seconds per optimisation step (DDIM: per sampling step). UNet rows / "
+    "step: batch rows of UNet forwards per step, counted. max |x|: largest |value| of any final latent "
+    "(the toy: of the image, in [-1, 1] units; above 1 is saturation).",
+    "Toy world only, exact: template MSE and residual std (RMS of image minus its nearest template; the data's std "
+    "is 0.05, a mode gives ~0), class acc. (nearest template in the prompt's class), diversity (distinct nearest "
+    "templates across the seeds of a prompt, averaged), patch (the source's white patch in the edit: 1 kept, -1 "
+    "erased). CLIP dir.: InstructPix2Pix's directional similarity; LPIPS: to the source (edits).",
+)
+
+
+def comparison_page(report: Report, rows: list[dict]):
+    """Return the page with comparison.json's table: a row per task, units stated below it."""
+    page = Page("Comparison of methods", f"{report.out_dir.resolve() / COMPARISON}   ·   same prompts and seeds "
+                                         f"for every task")
+    columns = [c for c in COMPARISON_COLUMNS if any(r.get(c[2]) is not None for r in rows)]
+    scale = min(1.0, (PAGE[0] - 2 * MARGIN) / sum(c[1] for c in columns))
+    y, x = 1.05, MARGIN
+    for title, width, _, _ in columns:
+        page.text(x, y, _wrap(title, width * scale - 0.05, FONT, 2), weight="bold")
+        x += width * scale
+    page.fig.add_artist(_hline(page, MARGIN, x, y + 0.38))
+    y += 0.48
+    row_h = min(0.3, (PAGE[1] - y - 1.6) / max(1, len(rows)))
+    for row in rows:
+        x = MARGIN
+        for title, width, key, fmt in columns:
+            value = row.get(key)
+            if key == "score_mean":
+                cell = "n/a" if value is None else f"{value:.4f} ± {row.get('score_std') or 0:.4f}"
+            elif key == "task":
+                cell = str(value).upper() + (" (edit)" if row.get("edits") else "")
+            else:
+                cell = "–" if value is None else fmt.format(value)
+            page.text(x, y, cell, size=FONT if row_h >= 0.22 else SMALL)
+            x += width * scale
+        y += row_h
+    y += 0.2
+    for note in COMPARISON_NOTES:
+        wrapped = _wrap(note, PAGE[0] - 2 * MARGIN, SMALL, 4)
+        page.text(MARGIN, y, wrapped, size=SMALL, color="#444444")
+        y += 0.16 * (1 + wrapped.count("\n")) + 0.08
+    return page.fig
+
+
+def comparison_grid_pages(report: Report, rows_per_page: int = 6):
+    """Yield pages of images: a row per prompt, a column per task, the same (first) seed for every task."""
+    tasks = [t for t in report.tasks if t.runs]
+    if not tasks:
+        return
+    seed = next((s for s in tasks[0].seeds if s is not None), None)
+    keys = list(dict.fromkeys(r.prompt for t in tasks for r in t.runs))
+    label_w = 1.5
+    rows_per_page = max(1, min(rows_per_page, len(keys)))
+    # As large as the page allows: by width (a column per task) and by height (rows_per_page rows).
+    cell = min(1.3, (PAGE[0] - 2 * MARGIN - label_w) / len(tasks), (PAGE[1] - 1.25 - MARGIN) / rows_per_page - 0.06)
+    size = cell - 0.06
+    pages = math.ceil(len(keys) / rows_per_page)
+    for p in range(pages):
+        page = Page("Comparison: the same prompt and seed under every task",
+                    f"seed {seed if seed is not None else 'n/a'}   ·   a row per prompt, a column per task   ·   "
+                    f"page {p + 1} of {pages}")
+        for j, task in enumerate(tasks):
+            page.text(MARGIN + label_w + j * cell + size / 2, 1.0, task.task.upper(), size=SMALL, ha="center",
+                      weight="bold")
+        for i, prompt in enumerate(keys[p * rows_per_page:(p + 1) * rows_per_page]):
+            top = 1.25 + i * (size + 0.12)
+            page.text(MARGIN, top + 0.05, _wrap(prompt, label_w - 0.12, SMALL, 5), size=SMALL)
+            for j, task in enumerate(tasks):
+                run = next((r for r in task.runs if r.prompt == prompt and r.seed in (seed, None)), None)
+                left = MARGIN + label_w + j * cell
+                if run is None:
+                    _show_image(page, Path(f"{task.task}-not-run.png"), left, top, size, STRIP_PX, "not in this task")
+                else:
+                    _show_image(page, run.image, left, top, size, STRIP_PX, _why_missing(run))
+        yield page.fig
 
 
 def _fmt(value) -> str:
@@ -436,7 +542,7 @@ def pair_pages(result: TaskResult, several_seeds: bool):
     runs = sorted(result.runs, key=lambda r: (r.prompt.lower(), r.seed if r.seed is not None else -1))
     pages = max(1, math.ceil(len(runs) / per_page))
     for p in range(pages):
-        page = Page(TASK_TITLES["pds"], _task_subtitle(result, p, pages))
+        page = Page(TASK_TITLES[result.task], _task_subtitle(result, p, pages))
         if not runs:
             page.text(MARGIN, 1.2, "No runs for this task.", color="#aa0000")
         for i, run in enumerate(runs[p * per_page:(p + 1) * per_page]):
@@ -495,6 +601,40 @@ def progress_pages(result: TaskResult, several_seeds: bool):
         yield page.fig
 
 
+def guidance_pages(result: TaskResult, several_seeds: bool):
+    """Yield pages with, for every run that has guidance panels (--log_guidance), its middle and last panel."""
+    runs = [r for r in sorted(result.runs, key=lambda r: (r.caption_prompt.lower(), r.seed if r.seed is not None
+                                                          else -1))
+            if any((r.run_dir / "guidance").glob("step_*.png"))]
+    rows = 5
+    row_h = (PAGE[1] - 1.0 - MARGIN) / rows
+    label_w = 1.85
+    panel_w = (PAGE[0] - 2 * MARGIN - label_w - 0.1) / 2
+    for p in range(math.ceil(len(runs) / rows)):
+        page = Page(f"{result.task.upper()}: what the guidance sees (x · x_t · x0_hat · |grad|)",
+                    _task_subtitle(result, p, math.ceil(len(runs) / rows)))
+        for i, run in enumerate(runs[p * rows:(p + 1) * rows]):
+            top = 1.0 + i * row_h
+            seed = f"seed {run.seed} · " if several_seeds else ""
+            page.text(MARGIN, top + 0.05, _wrap(run.caption_prompt, label_w - 0.1, FONT, 3), weight="bold")
+            page.text(MARGIN, top + 0.62, _wrap(f"{seed}{run.status}", label_w - 0.1, SMALL, 2), size=SMALL,
+                      color="#555555")
+            panels = sorted((run.run_dir / "guidance").glob("step_*.png"))
+            for j, panel in enumerate(dict.fromkeys([panels[len(panels) // 2], panels[-1]])):
+                left = MARGIN + label_w + j * (panel_w + 0.1)
+                ax = page.axes(left, top + 0.05, panel_w, row_h - 0.42)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                array = _load_image(panel, 1024)
+                if array is not None:
+                    ax.imshow(array, interpolation="nearest")
+                page.text(left + panel_w / 2, top + row_h - 0.33, f"step {int(panel.stem[5:])}", size=SMALL,
+                          ha="center")
+        yield page.fig
+
+
 def _pick_frames(frames: list[Path], n: int) -> list[Path]:
     """Return up to n frames spread evenly over the run, always including the first and the last."""
     if len(frames) <= n:
@@ -540,11 +680,16 @@ def _task_subtitle(result: TaskResult, page: int, pages: int) -> str:
 def render(report: Report) -> list:
     """Return the report's pages as matplotlib figures."""
     figures = [title_page(report)]
+    comparison = _read_list(report.out_dir / COMPARISON)
+    if comparison:
+        figures.append(comparison_page(report, comparison))
+        figures += list(comparison_grid_pages(report))
     for result in report.tasks:
         several = len([s for s in result.seeds if s is not None]) > 1
-        pages = pair_pages if result.task == "pds" else grid_pages
+        pages = pair_pages if _edits(result.task) else grid_pages
         figures += list(pages(result, several))
         figures += list(progress_pages(result, several))
+        figures += list(guidance_pages(result, several))
     return figures
 
 

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_pretrained", default="openai",
                    help="CLIP weights for the evaluation: open_clip tag, local checkpoint file, or 'none' (random; "
                         "tests only). --model toy uses the toy scorer instead")
+    p.add_argument("--metrics", nargs="+", default=["clip", "clip_direction", "lpips"],
+                   choices=("clip", "clip_direction", "lpips"),
+                   help="edit tasks' metrics beside the CLIP score (eval.py --metrics; default all three): "
+                        "clip_direction needs CLIP (not the toy scorer); lpips is skipped with a note where its "
+                        "AlexNet weights cannot be had")
+    p.add_argument("--lpips_weights", default="pretrained", choices=("pretrained", "none"),
+                   help="eval.py --lpips_weights (none: random weights, tests only)")
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation (eval.json)")
     p.add_argument("--no_report", action="store_true", help="skip report.pdf")
     return p
@@ -316,12 +323,16 @@ def run_share(batch: Batch, share: list[tuple[Item, argparse.Namespace | None, s
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def eval_is_current(folder: Path, names: list[str]) -> bool:
-    """Return True when folder/eval.json scores exactly the given PNGs and is newer than all of them."""
+def eval_is_current(folder: Path, names: list[str], metrics: tuple = ()) -> bool:
+    """Return True when folder/eval.json scores exactly the given PNGs, has the extra metrics asked, and is newer
+    than all of them."""
     path = folder / "eval.json"
     try:
-        scored = {Path(k).name for k in json.loads(path.read_text()) if k not in ("source_dir", "score")}
+        evaluation = json.loads(path.read_text())
+        scored = {Path(k).name for k in evaluation if k not in ("source_dir", "score", "metrics")}
     except (OSError, ValueError):
+        return False
+    if any(m not in evaluation.get("metrics", {}) for m in metrics):
         return False
     present = [folder / n for n in names if (folder / n).is_file()]
     newest = max((p.stat().st_mtime for p in present), default=0.0)
@@ -337,23 +348,29 @@ def evaluate(ours: argparse.Namespace, base: argparse.Namespace, items: list[Ite
     for item in items:
         folders.setdefault(item.save_dir, (item.task, []))[1].append(item.image_path.name)
     scorer, results, evaluated = None, {}, False
+    edit_metrics = edit_metrics_available(ours, base, device) if any(
+        EVAL_TASK[task] == "edit" for task, _ in folders.values()) else []
     for folder, (task, names) in folders.items():
+        metrics = tuple(edit_metrics) if EVAL_TASK[task] == "edit" else ()
         if not any((folder / n).is_file() for n in names):
             results[folder] = f"no images to score in {folder}"
             continue
-        if folder not in changed and eval_is_current(folder, names):
+        if folder not in changed and eval_is_current(folder, names, metrics):
             results[folder] = None
             continue
         try:
             if scorer is None:
                 kind = "toy" if base.model == "toy" else "clip"
                 scorer = evaluation.make_scorer(kind, device=device, clip_pretrained=ours.clip_pretrained)
+            # A scorer without image and text embeddings (the toy's) cannot give CLIP directions.
+            metrics = tuple(m for m in metrics if m != "clip_direction" or hasattr(scorer, "direction"))
             result = evaluation.evaluate_dir(folder, scorer=scorer, prompts_file=ours.prompts, task=EVAL_TASK[task],
-                                             allow_missing=True)
+                                             allow_missing=True, metrics=("clip",) + metrics, device=device,
+                                             lpips_weights=ours.lpips_weights)
             evaluated = True
             results[folder] = None
             print(f"{folder}/eval.json: score {result['score']:.4f} "
-                  f"({len(result) - 2} images)", flush=True)
+                  f"({len([k for k in result if k not in evaluation.EXTRA_KEYS])} images)", flush=True)
         except UserError as err:
             results[folder] = str(err)
             print(f"error: evaluating {folder} failed: {err}", file=sys.stderr, flush=True)
@@ -361,6 +378,122 @@ def evaluate(ours: argparse.Namespace, base: argparse.Namespace, items: list[Ite
             traceback.print_exc()
             results[folder] = f"{err.__class__.__name__}: {err}"
     return results, evaluated
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+COMPARISON = "comparison.json"
+# eval.json's extra metrics for edits (eval.py --metrics), carried into the comparison when present.
+EDIT_METRICS = ("clip_direction", "lpips")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def task_comparison(task: str, task_items: list[Item], toy: bool) -> dict:
+    """Return one row of the comparison for a task's runs: scores (exactly eval.json's), cost, saturation and,
+    for the toy world, the exact metrics of guidance.toy.image_metrics (from each run's final latents)."""
+    import statistics
+
+    import torch
+
+    method = METHODS[task]
+    row = {"task": task, "title": method.title, "edits": method.edits, "images": 0}
+    scores, per_step, rows_per_step, max_abs, metrics = [], [], [], [], {k: [] for k in EDIT_METRICS}
+    toy_rows, templates_by_prompt, patches = [], {}, []
+    evals = {}
+    for item in task_items:
+        config = _read_json(item.run_dir / "run_config.json")
+        if not config or config.get("status") != "finished" or not item.image_path.is_file():
+            continue
+        row["images"] += 1
+        folder_eval = evals.setdefault(item.save_dir, _read_json(item.save_dir / "eval.json") or {})
+        for key, value in folder_eval.items():
+            if key not in ("source_dir", "score", "metrics") and Path(key).name == item.image_path.name:
+                scores.append(float(value))
+        for metric in EDIT_METRICS:
+            value = (folder_eval.get("metrics", {}).get(metric, {}) or {}).get(item.image_path.name)
+            if value is not None:
+                metrics[metric].append(float(value))
+        if config.get("steps_done"):
+            per_step.append(config["seconds"] / config["steps_done"])
+        if config.get("unet_rows_per_step") is not None:
+            rows_per_step.append(config["unet_rows_per_step"])
+        if config.get("max_abs") is not None:
+            max_abs.append(config["max_abs"])
+        if toy and (item.run_dir / "latents.pt").is_file():
+            from guidance.toy import from_pil, image_metrics, patch_mean
+            from utils import load_image
+
+            latents = torch.load(item.run_dir / "latents.pt")[0]
+            figures = image_metrics(latents, item.edit_prompt if method.edits else item.prompt)
+            toy_rows.append(figures)
+            templates_by_prompt.setdefault(item.key, set()).add(figures["template"])
+            if method.edits and (item.run_dir / "source.png").is_file():
+                patches.append(patch_mean(latents, from_pil(load_image(item.run_dir / "source.png"))))
+    mean = (lambda values: statistics.fmean(values) if values else None)
+    row.update(score_mean=mean(scores), score_std=statistics.pstdev(scores) if scores else None,
+               scores=len(scores), seconds_per_step=statistics.median(per_step) if per_step else None,
+               unet_forwards_per_step=statistics.median(rows_per_step) if rows_per_step else None,
+               max_abs=max(max_abs) if max_abs else None)
+    if method.edits:
+        row.update({metric: mean(values) for metric, values in metrics.items() if values})
+    if toy_rows:
+        row.update(template_mse=mean([r["template_mse"] for r in toy_rows]),
+                   residual_std=mean([r["residual_std"] for r in toy_rows]),
+                   class_accuracy=mean([float(r["in_class"]) for r in toy_rows]),
+                   diversity=mean([len(t) for t in templates_by_prompt.values()]))
+        if patches:
+            row["patch"] = mean(patches)
+    return row
+
+
+def write_comparison(out: Path, base: argparse.Namespace, items: list[Item], tasks: list[str]) -> Path:
+    """Write OUT/comparison.json, a row per task (task_comparison), for every task of the manifest; return its path."""
+    manifest = _read_json(out / MANIFEST) or {}
+    rows = []
+    order = list(METHODS)
+    listed = [t for t in TASKS if t in manifest.get("tasks", {}) or t in tasks]
+    # The reference sampler first, then generation (LoRA methods last), then edits: the table people read.
+    for task in sorted(listed, key=lambda t: (METHODS[t].edits, t != "ddim", METHODS[t].lora, order.index(t))):
+        task_items = [it for it in items if it.task == task]
+        if not task_items:  # a task of an earlier batch: rebuild its items from the manifest
+            task_items = [Item(task, e["key"], e["seed"], e["prompt"], e.get("edit_prompt"), e.get("src_img_path"),
+                               out / e["folder"]) for e in manifest["tasks"][task]["items"]]
+        rows.append(task_comparison(task, task_items, base.model == "toy"))
+    if _read_json(out / COMPARISON) != json.loads(json.dumps(rows, default=str)):  # a rerun with nothing new: untouched
+        save_json_atomic(rows, out / COMPARISON)
+    return out / COMPARISON
+
+
+def edit_metrics_available(ours: argparse.Namespace, base: argparse.Namespace, device) -> list[str]:
+    """Return the extra edit metrics of --metrics that can be computed here, with a note for each that cannot."""
+    import eval as evaluation
+
+    available = []
+    for metric in [m for m in ours.metrics if m != "clip"]:
+        if metric == "clip_direction" and base.model == "toy":
+            print("note: clip_direction skipped: the toy world's scorer has no CLIP embeddings", flush=True)
+            continue
+        if metric == "lpips":
+            # Only weights already here: a batch never waits on a download (eval.py --metrics lpips fetches them).
+            backbone = evaluation.lpips_backbone_path()
+            if ours.lpips_weights != "none" and not backbone.is_file():
+                print(f"note: lpips skipped: its AlexNet weights are not at {backbone}; `python eval.py --fdir1 "
+                      f"OUT/<edit task> --metrics lpips` downloads them where there is internet", flush=True)
+                continue
+            try:
+                from utils import resolve_device
+
+                evaluation.lpips_metric(str(resolve_device(device)), ours.lpips_weights)
+            except UserError as err:
+                print(f"note: lpips skipped: {err}", flush=True)
+                continue
+        available.append(metric)
+    return available
 
 
 # ----------------------------------------------------------------------------------------------- manifest
@@ -480,6 +613,7 @@ def finish(ours, base, items: list[Item], settings: dict, records: list[dict], n
         update_manifest(out, ours, base, items, settings, eval_errors)
         if any(eval_errors.values()):
             code = 1
+    write_comparison(out, base, items, ours.tasks)
     report_path = out / "report.pdf"
     reported = False
     if not ours.no_report and (records or evaluated or not report_path.exists()):

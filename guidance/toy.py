@@ -316,6 +316,26 @@ def nearest_template(image: torch.Tensor) -> tuple[Template, float]:
     return TEMPLATES[k], float(errors[k])
 
 
+def image_metrics(image: torch.Tensor, prompt: str) -> dict:
+    """Return the exact toy metrics of a [3, 64, 64] image in [-1, 1] (unclamped) for the prompt it should show.
+
+    template: the nearest template; template_mse: mean squared error to it per value; residual_std: its square
+    root, the RMS of image minus template (a sample of the world has ~0.05, the mode 0); in_class: whether the
+    nearest template is one the prompt selects.
+    """
+    template, mse = nearest_template(image)
+    in_class = TEMPLATES.index(template) in prompt_templates(prompt)
+    return {"template": str(template), "template_mse": mse, "residual_std": math.sqrt(mse), "in_class": in_class}
+
+
+def patch_mean(result: torch.Tensor, source: torch.Tensor) -> float:
+    """Return the mean of an edit's result over the source's white patch (1.0 kept, -1 erased), images in [-1, 1]."""
+    white = (source >= 0.99).all(dim=0)
+    if not white.any():
+        raise ValueError("the source image has no white patch (no pixel is white in every channel)")
+    return float(result[:, white].mean())
+
+
 class ToyScorer:
     """Plays CLIP's role in eval.py: the posterior probability of a prompt's templates given the image.
 

@@ -123,7 +123,7 @@ def test_report_shows_every_image_with_prompt_score_and_gaps(tmp_path):
     scores = make_outputs(tmp_path, tasks=("sds", "pds", "vsd"), skip_image=[skipped], skip_eval=["vsd"],
                           skip_loss=[("sds", "A_car_on_the_road")])
     collected = report.collect(tmp_path)
-    assert [t.task for t in collected.tasks] == ["sds", "pds", "vsd"]
+    assert [t.task for t in collected.tasks] == ["sds", "vsd", "pds"]  # the reference, generation, then edits
     sds = collected.tasks[0]
     assert sds.mean == pytest.approx(statistics.fmean(v for (t, _, _), v in scores.items() if t == "sds"))
     figures = report.render(collected)

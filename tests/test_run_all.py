@@ -50,6 +50,10 @@ class BrightnessScorer:
     def score(self, images, prompts):
         return [float(np.asarray(img).mean() / 255) for img in images]
 
+    def direction(self, results, sources, src_prompts, edit_prompts):
+        """The change of brightness source -> result (CLIP's directional similarity's stand-in)."""
+        return [float(np.asarray(r).mean() - np.asarray(s).mean()) / 255 for r, s in zip(results, sources)]
+
 
 @pytest.fixture
 def scorers(monkeypatch) -> list:
@@ -108,7 +112,7 @@ def test_batch_loads_once_survives_a_bad_prompt_and_resumes(tiny_sd_dir, tmp_pat
             assert (config["status"], config["loss_type"], config["process_index"]) == ("finished", task, 0)
             assert len(list((out / task / name / "progress").glob("step_*.png"))) == 2
         scores = json.loads((out / task / "eval.json").read_text())
-        assert sorted(Path(k).stem for k in scores if k not in ("source_dir", "score")) == names
+        assert sorted(Path(k).stem for k in scores if k not in ("source_dir", "score", "metrics")) == names
         for name in names:  # scored by eval.py's evaluate_dir with the scorer run_all asked for
             path = out / task / f"{name}.png"
             assert scores[str(path)] == pytest.approx(png_array(path).mean() / 255)
@@ -299,7 +303,7 @@ def test_two_accelerate_processes_split_the_work_exactly_once(tiny_sd_dir, tmp_p
             folder = out / task / f"seed_{seed}"
             assert sorted(p.stem for p in folder.glob("*.png")) == stems
             scores = json.loads((folder / "eval.json").read_text())
-            assert sorted(Path(k).stem for k in scores if k not in ("source_dir", "score")) == stems
+            assert sorted(Path(k).stem for k in scores if k not in ("source_dir", "score", "metrics")) == stems
             for stem in stems:
                 config = json.loads((folder / stem / "run_config.json").read_text())
                 record = next(r for r in log if r["task"] == task and r["seed"] == seed and r["name"] == stem)
@@ -322,7 +326,7 @@ def test_toy_world_end_to_end(tmp_path, capsys):
         stems = sorted(e[field].replace(" ", "_") for e in entries.values())
         assert sorted(p.stem for p in (out / task).glob("*.png")) == stems
         scores = json.loads((out / task / "eval.json").read_text())
-        values = [v for k, v in scores.items() if k not in ("source_dir", "score")]
+        values = [v for k, v in scores.items() if k not in ("source_dir", "score", "metrics")]
         assert len(values) == len(stems) and all(0.0 <= v <= 1.0 for v in values)  # the toy scorer's range
     assert json.loads((out / "run_all.json").read_text())["scorer"] == "toy"
     assert (out / "report.pdf").read_bytes().startswith(b"%PDF")
