@@ -167,9 +167,9 @@ def test_methods_mode_times_every_method_against_the_unet_calls_it_made(tiny_sd_
         assert bench.main(["--model", str(tiny_sd_dir), "--device", "cpu", "--steps", "2", "--warmup", "0",
                            "--methods", "--json"]) == 0
     methods = json.loads(out.getvalue())["methods"]
-    assert set(methods) == {name for name, m in METHODS.items() if not m.lora}
+    assert set(methods) == {name for name, m in METHODS.items() if not m.lora and m.sampler is None}
     # rows per UNet call, as each loss's docstring states (t = 500: ISM inverts to s = 420 in 3 steps)
-    expected_rows = {"sds": [2], "pds": [4], "nfsd": [3], "csd": [2], "dds": [4], "bridge": [2], "asd": [3],
+    expected_rows = {"sds": [2], "pds": [4], "sds_edit": [2], "nfsd": [3], "csd": [2], "dds": [4], "bridge": [2], "asd": [3],
                      "ism": [1, 1, 1, 1, 2], "sdi": [1] * 10 + [2]}
     for name, figure in methods.items():
         assert figure["unet_call_rows"] == expected_rows[name], name

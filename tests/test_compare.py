@@ -16,14 +16,6 @@ from guidance.toy import TEMPLATES, Template, image_metrics, patch_mean, render_
 from utils import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------- toy metrics
 def test_toy_metrics_of_a_template_plus_noise_of_known_std():
     torch.manual_seed(0)

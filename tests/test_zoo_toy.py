@@ -19,14 +19,6 @@ SEEDS = (0, 1)
 SDS_MODE_RESIDUAL = 0.02  # SDS at 7.5: residual 0.008-0.012 (the mode); a data sample has 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return ToyDiffusion(device="cpu")
