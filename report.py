@@ -310,7 +310,8 @@ def _score_text(run: Run) -> str:
 # ----------------------------------------------------------------------------------------------- pages
 def title_page(report: Report):
     manifest = report.manifest
-    page = Page("Score distillation report: SDS · PDS · VSD",
+    page = Page("Score distillation report: " + " · ".join(t.task.upper() for t in report.tasks[:6])
+                + (" · …" if len(report.tasks) > 6 else ""),
                 f"{report.out_dir.resolve()}   ·   written {time.strftime('%Y-%m-%d %H:%M')}")
     configs = [r.config for t in report.tasks for r in t.runs if r.config]
     model = manifest.get("model") or next((c.get("model") for c in configs), "?")
@@ -324,7 +325,7 @@ def title_page(report: Report):
         y += 0.22 * (1 + line.count("\n")) + (0.2 if len(line) > 150 else 0)
 
     # The summary table, one row per task.
-    columns = [("Task", 0.6), ("Images", 0.9), ("Seeds", 0.9), ("Guidance", 0.8), ("Steps", 0.6), ("LR", 0.6),
+    columns = [("Task", 0.95 if any(len(t.task) > 4 for t in report.tasks) else 0.6), ("Images", 0.9), ("Seeds", 0.9), ("Guidance", 0.8), ("Steps", 0.6), ("LR", 0.6),
                ("Mean score", 1.0), ("Spread", 2.5), ("Course grade", 1.3)]
     y += 0.2
     x = MARGIN
@@ -357,7 +358,9 @@ def title_page(report: Report):
         for key in ("negative_prompt", "precision", "weighting", "num_particles", "lora_lr", "vsd_lora_timestep"):
             if key in result.settings and (key not in ("lora_lr", "vsd_lora_timestep") or result.task == "vsd"):
                 value = result.settings[key]
-                shared.setdefault(key, "the model's default" if value is None and key == "lora_lr" else value)
+                value = "the model's default" if value is None and key == "lora_lr" else value
+                if shared.setdefault(key, value) != value:  # methods differ (e.g. each its paper's weighting)
+                    shared[key] = "per method"
     if shared:
         text = "Other settings: " + "; ".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
                                                for k, v in shared.items())
