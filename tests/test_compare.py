@@ -161,3 +161,16 @@ def test_comparison_summarises_exactly_what_eval_json_says(tmp_path):
     stamp = (out / "comparison.json").stat().st_mtime_ns
     assert run_all.main(argv) == 0
     assert (out / "comparison.json").stat().st_mtime_ns == stamp
+    # The report's second and third pages are the comparison table and the image grid, a column per task.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import report
+
+    figures = report.render(report.collect(out))
+    texts = [[t.get_text() for t in fig.texts] for fig in figures[1:3]]
+    assert "Comparison of methods" in texts[0] and all(r["task"].upper() in " ".join(texts[0]) for r in rows)
+    assert texts[1][0].startswith("Comparison: the same prompt and seed") and "SDS_EDIT" in texts[1]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
