@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the full benchmark, time each method's step (loss, backward, AdamW) against its own "
                         "UNet work: the very UNet calls the step made (rows and timesteps recorded), replayed bare under "
                         "no_grad; no names: every method of guidance/methods.py but VSD (which the full run covers)")
+    p.add_argument("--generators", nargs="*", default=None, metavar="GENERATOR",
+                   help="instead of the full benchmark, time each generator's render, its render + VAE encode + "
+                        "backward, and its whole SDS step against the batch-2 floor, and (CPU) the peak memory of a "
+                        "render with its backward; no names: latent pixels gaussians vector")
+    p.add_argument("--render_size", type=int, default=None, help="--generators: render size (default: the model's)")
+    p.add_argument("--num_shapes", type=int, default=256, help="--generators: gaussians / vector shapes (default 256)")
     p.add_argument("--cache_dir", default=None,
                    help="where random-weight models are built (default: $XDG_CACHE_HOME or ~/.cache, /score-distillation)")
     return p
@@ -138,11 +144,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.methods is not None:
         from guidance.methods import METHODS
 
-        args.methods = args.methods or [name for name, m in METHODS.items() if not m.lora]
-        unknown = [name for name in args.methods if name not in METHODS or METHODS[name].lora]
+        timed = [name for name, m in METHODS.items() if not m.lora and m.sampler is None]
+        args.methods = args.methods or timed
+        unknown = [name for name in args.methods if name not in timed]
         if unknown:
-            raise UserError(f"unknown --methods {', '.join(unknown)}: use some of "
-                            f"{', '.join(n for n, m in METHODS.items() if not m.lora)} (VSD: the full benchmark)")
+            raise UserError(f"unknown --methods {', '.join(unknown)}: use some of {', '.join(timed)} (VSD: the full "
+                            f"benchmark; ddim is a sampler, not a step)")
+    if args.generators is not None:
+        from guidance.generators import GENERATORS
+
+        args.generators = args.generators or list(GENERATORS)
+        if any(name not in GENERATORS for name in args.generators):
+            raise UserError(f"unknown --generators {' '.join(args.generators)}: use some of {', '.join(GENERATORS)}")
     if args.model not in RANDOM_MODELS + ("toy",) and not Path(args.model).expanduser().is_dir():
         raise UserError(f"unknown model {args.model!r}: use tiny, mid, sd21, toy, or a diffusers folder")
     return args
@@ -772,10 +785,17 @@ def run_variants(args: argparse.Namespace) -> dict:
             figure[f"{item}_samples_s"] = mine
             figure[f"{item}_speedup"] = statistics.median(r / m for r, m in zip(ref, mine))
         variants[name] = figure
+    return _short_run_result(args, started, reference=reference, variants=variants)
+
+
+def _short_run_result(args: argparse.Namespace, started: float, **figures) -> dict:
+    """Return the JSON object of a --variants or --methods run: where and how it ran, then its figures."""
+    import torch
+
     return {"model": args.model, "device": str(args.device), "device_name": device_name(args.device),
-            "precision": args.precision, "threads": torch.get_num_threads(), "rounds": args.steps,
-            "reference": reference, "variants": variants, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - started}
+            "precision": args.precision, "threads": torch.get_num_threads(), "rounds": args.steps, **figures,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "seconds": time.perf_counter() - started}
 
 
 METHOD_T = 500  # every method's step is timed at this t: ISM then inverts to s = 420 in 3 steps, SDI to 500 in 10
@@ -870,10 +890,7 @@ def run_methods(args: argparse.Namespace) -> dict:
             "unet_calls": len(calls[name]), "unet_rows_per_step": sum(x.shape[0] for x, _, _ in calls[name]),
             "unet_call_rows": [x.shape[0] for x, _, _ in calls[name]], "t": METHOD_T,
             "step_samples_s": step_s, "unet_work_samples_s": work_s}
-    return {"model": args.model, "device": str(args.device), "device_name": device_name(args.device),
-            "precision": args.precision, "threads": torch.get_num_threads(), "rounds": args.steps,
-            "warmup": args.warmup, "methods": methods, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - started}
+    return _short_run_result(args, started, warmup=args.warmup, methods=methods)
 
 
 def format_methods(result: dict) -> str:
@@ -885,6 +902,98 @@ def format_methods(result: dict) -> str:
     for name, f in result["methods"].items():
         lines.append(f"{name:8s} {f['step_s']:9.4f} {f['unet_work_s']:12.4f} {f['ratio_to_unet_work']:7.3f} "
                      f"{f['unet_calls']:6d} {f['unet_rows_per_step']:5d}  {f['unet_call_rows']}")
+    lines.append(f"bench took {result['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def run_generators(args: argparse.Namespace) -> dict:
+    """Return {'generators': name -> figures}: render, render + VAE encode + backward, and SDS step, against the floor.
+
+    Each generator renders one image at --render_size (default: the model's resolution) with --num_shapes shapes;
+    'render' is its render and a backward into theta, 'encode' adds the VAE encoder both ways (what
+    generator.latents costs), 'step' is main.py's whole SDS step through it (loss, backward, AdamW). On CPU the
+    peak RSS a render and its backward add, each in a fresh process.
+    """
+    import torch
+
+    import main as main_py
+    from guidance.generators import build_generator
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = model_source(args.model, args.cache_dir)
+    _log(f"loading {source} ({args.device}, {args.precision})")
+    model = load(source, args)
+    embeddings = torch.cat([model.get_text_embeds("low quality"), model.get_text_embeds(PROMPT)])
+    timed_fns, memory = {"floor_b2": make_steps(model, model)["floor_b2"]}, {}
+    for name in args.generators:
+        gen = build_generator(name, model, 1, render_size=args.render_size, num_shapes=args.num_shapes)
+        optimizer = torch.optim.AdamW(gen.param_groups(), weight_decay=0)
+
+        def render(gen=gen):
+            gen.render().mean().backward()
+
+        def encode(gen=gen):
+            gen.latents(model).mean().backward()
+
+        def step(gen=gen, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            (main_py.LOSS_SCALE * model.get_sds_loss(gen.latents(model), embeddings, guidance_scale=25)).backward()
+            optimizer.step()
+
+        timed_fns.update({f"{name}/encode": encode, f"{name}/step": step})
+        if name != "latent":
+            timed_fns[f"{name}/render"] = render
+            if args.device.type == "cpu" and not args.no_memory:
+                memory[name] = _render_peak_mb(name, args.render_size or model.resolution, args.num_shapes,
+                                               torch.get_num_threads())
+    samples = time_rounds(timed_fns, args.steps, args.warmup, args.device)
+    floor = samples["floor_b2"]
+    figures = {}
+    for name in args.generators:
+        figures[name] = {item: statistics.median(samples[f"{name}/{item}"]) for item in ("render", "encode", "step")
+                         if f"{name}/{item}" in samples}
+        figures[name].update({f"{item}_x_floor": statistics.median(s / f for s, f in zip(samples[f"{name}/{item}"], floor))
+                              for item in ("render", "encode", "step") if f"{name}/{item}" in samples})
+        if name in memory:
+            figures[name]["render_peak_added_mb"] = memory[name]
+    return {"model": args.model, "device": str(args.device), "device_name": device_name(args.device),
+            "precision": args.precision, "threads": torch.get_num_threads(), "rounds": args.steps,
+            "render_size": args.render_size or model.resolution, "num_shapes": args.num_shapes,
+            "floor_b2_s": statistics.median(floor), "generators": figures, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - started}
+
+
+def _render_peak_mb(name: str, size: int, num_shapes: int, threads: int) -> float:
+    """Return the peak RSS (MB) one render and its backward add, measured in a fresh process (CPU, Linux)."""
+    import subprocess
+
+    code = (f"import gc, types, torch, bench\n"
+            f"from guidance.generators import build_generator\n"
+            f"torch.set_num_threads({threads})\n"
+            f"model = types.SimpleNamespace(device=torch.device('cpu'), resolution={size})\n"
+            f"gen = build_generator({name!r}, model, 1, num_shapes={num_shapes})\n"
+            f"gc.collect(); bench._reset_peak_rss(); before = bench._proc_status_kb('VmRSS')\n"
+            f"gen.render().mean().backward()\n"
+            f"print((bench._proc_status_kb('VmHWM') - before) * 1024 / bench.MB)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True,
+                          text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def format_generators(result: dict) -> str:
+    """Return the human-readable table of a --generators result."""
+    lines = [f"{result['model']} on {result['device']} ({result['device_name']}, {result['threads']} threads), "
+             f"{result['precision']}; {result['render_size']}^2 renders, {result['num_shapes']} shapes; batch-2 UNet "
+             f"floor {result['floor_b2_s']:.4f} s; median of {result['rounds']} rounds; {result['date']}",
+             f"{'generator':10s} {'render s':>9s} {'x floor':>8s} {'+VAE s':>9s} {'x floor':>8s} {'SDS step s':>11s} "
+             f"{'x floor':>8s} {'render MB':>10s}"]
+    for name, f in result["generators"].items():
+        cells = [f"{f[item]:9.4f} {f[item + '_x_floor']:8.3f}" if item in f else f"{'-':>9s} {'-':>8s}"
+                 for item in ("render", "encode")]
+        memory = f"{f['render_peak_added_mb']:10.0f}" if "render_peak_added_mb" in f else f"{'-':>10s}"
+        lines.append(f"{name:10s} {cells[0]} {cells[1]} {f['step']:11.4f} {f['step_x_floor']:8.3f} {memory}")
     lines.append(f"bench took {result['seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -929,6 +1038,9 @@ def main(argv=None) -> int:
     elif args.methods is not None:
         result = run_methods(args)
         table = format_methods(result)
+    elif args.generators is not None:
+        result = run_generators(args)
+        table = format_generators(result)
     else:
         result = run_benchmark(args)
         table = format_table(result)
