@@ -28,7 +28,7 @@ Gaussians and shapes are rasterised locally (`composite`): each shape only touch
 bounding box (a Gaussian's 3-sigma box, a path's control-point box plus the soft edge), as a list of
 (shape, pixel) fragments composited per pixel in depth order with a segmented prefix sum of log(1 - alpha).
 Memory grows with the fragments, not with shapes x pixels; big renders are cut into chunks of shapes whose
-forward is recomputed in backward (torch.utils.checkpoint), so a chunk's fragments never all live at once.
+forward is recomputed in backward (torch.utils.checkpoint), so that one chunk's fragments live at a time.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ DEFAULT_LR = 0.1  # main.py's --lr: the latent's rate, and the reference the oth
 DEFAULT_NUM_SHAPES = 256
 FIT_STEPS = 300
 ALPHA_MAX = 0.999  # log(1 - alpha) stays finite; an opaque shape lets 0.1% through
-FRAGMENT_BUDGET = 2_000_000  # fragments per chunk of shapes: ~200 MB of autograd state at most at a time
+FRAGMENT_BUDGET = 1_000_000  # fragments per chunk of shapes: a few hundred MB of autograd state at a time
 SEARCH_BLOCK = 65_536  # fragments per block of the vector generator's nearest-edge search (no grad)
 
 
@@ -189,7 +189,8 @@ class Generator:
 
     def param_groups(self, lr: float = DEFAULT_LR) -> list[dict]:
         """Return AdamW parameter groups: each group's own rate, scaled by lr / DEFAULT_LR."""
-        return [{"name": g["name"], "params": list(g["params"]), "lr": lr * (g["lr"] / DEFAULT_LR)} for g in self.groups]
+        return [{"name": g["name"], "params": list(g["params"]), "lr": lr * (g["lr"] / DEFAULT_LR)}
+                for g in self.groups]
 
     def render(self) -> torch.Tensor:
         raise NotImplementedError
@@ -321,7 +322,8 @@ class GaussianGenerator(Generator):
             return t.to(self.device).requires_grad_(True)
 
         self.centre_raw = param(torch.atanh((torch.rand(b, n, 2, generator=rng) * 2 - 1) * 0.9))
-        self.scale_raw = param(torch.full((b, n, 2), self._logit((sigma0 - self.floor) / (self.MAX_SIGMA - self.floor))))
+        start = self._logit((sigma0 - self.floor) / (self.MAX_SIGMA - self.floor))
+        self.scale_raw = param(torch.full((b, n, 2), start))
         self.shear_raw = param(torch.zeros(b, n))
         self.colour_raw = param(torch.randn(b, n, 3, generator=rng))
         self.opacity_raw = param(torch.zeros(b, n))
@@ -339,7 +341,7 @@ class GaussianGenerator(Generator):
         return math.log(p / (1 - p))
 
     def constrained(self, i: int) -> dict:
-        """Return image i's Gaussians in image units: centre [N, 2], cholesky (a, b, c) [N] each, colour, opacity, background."""
+        """Return image i's Gaussians in image units: centre [N, 2], Cholesky a, b, c [N], colour, opacity, bg."""
         a, c = (self.floor + (self.MAX_SIGMA - self.floor) * torch.sigmoid(self.scale_raw[i])).unbind(-1)
         return {"centre": torch.tanh(self.centre_raw[i]), "a": a, "b": self.MAX_SIGMA * torch.tanh(self.shear_raw[i]),
                 "c": c, "colour": torch.sigmoid(self.colour_raw[i]), "opacity": torch.sigmoid(self.opacity_raw[i]),
