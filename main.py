@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the latents")
     p.add_argument("--log_step", type=int, default=25, help="save a progress image every N steps (0: never)")
     p.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS))
-    p.add_argument("--model", type=str, default=DEFAULT_MODEL, help="hub id, local diffusers folder, or 'toy'")
+    p.add_argument("--model", type=str, default=DEFAULT_MODEL,
+                   help="short name (sd15, sd21, sd21-768, sdxl, sd35m), hub id, local diffusers folder, or 'toy'")
+    p.add_argument("--no_t5", action="store_true", help="SD 3: leave the T5 text encoder unloaded (zeros in its "
+                                                        "place, as diffusers does; saves 9.5 GB in fp16)")
+    p.add_argument("--cpu_offload", action="store_true", help="keep the text encoders and the VAE in CPU memory, "
+                                                              "on the GPU only while they run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weighting", type=str, default=None, choices=WEIGHTINGS,
                    help="w(t); default: the method's paper weighting (" + ", ".join(
@@ -211,6 +216,11 @@ def build_model(args: argparse.Namespace):
         # The toy's tensors are tiny: extra CPU threads only spin-wait (a 500-step run: 5 s on 1 thread, 25 s on 2).
         torch.set_num_threads(1)
     optional = {} if args.lora_lr is None else {"lora_lr": args.lora_lr}
+    for flag in ("no_t5", "cpu_offload"):  # Stable Diffusion's only
+        if getattr(args, flag, False):
+            if args.model == "toy":
+                raise UserError(f"--{flag} is for Stable Diffusion models, not the toy world: drop it")
+            optional[flag] = True
     return load_model(args.model, device=args.device, precision=resolve_precision(args.precision),
                       weighting=args.weighting or "uniform", vsd_lora_timestep=args.vsd_lora_timestep,
                       channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
@@ -528,6 +538,11 @@ def main(argv=None) -> int:
     print(f"[*] {args.loss_type.upper()} with {args.model}: guidance {args.guidance_scale}, {args.step} steps, "
           f"seed {args.seed}")
     model = build_model(args)
+    if hasattr(model, "free_text_encoders"):  # one run: its prompts are all known, the encoders' memory is not needed
+        from guidance.methods import run_prompts
+
+        model.encode_prompts(run_prompts(args))
+        model.free_text_encoders()
     result = run(model, args)
     if result.status == "finished":
         print(f"Saved {result.image_path}")

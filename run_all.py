@@ -44,7 +44,7 @@ PER_RUN_FLAGS = {"prompt": "--prompts FILE", "edit_prompt": "--prompts FILE", "s
 # Settings that change a run's result: a finished run made with other values is redone.
 RESULT_KEYS = ("model", "loss_type", "prompt", "edit_prompt", "negative_prompt", "seed", "step", "guidance_scale",
                "lr", "precision", "weighting", "num_particles", "lora_lr", "vsd_lora_timestep", "t_schedule", "t_range",
-               "t_anneal_to", *OPTION_FLAGS)
+               "t_anneal_to", "no_t5", *OPTION_FLAGS, "generator", "render_size", "num_shapes", "pixel_size", "augment")
 # Settings shown on the report's title page.
 SETTING_KEYS = ("guidance_scale", "step", "lr", "negative_prompt", "precision", "weighting", "num_particles",
                 "lora_lr", "vsd_lora_timestep", "log_step")
@@ -253,6 +253,7 @@ class Batch:
         self.num_processes = num_processes
         self.device = device
         self.model = None
+        self.prompts: list[str] = []  # every prompt of this process's runs: encoded at load, then the encoders freed
         self.log_path = out / "logs" / f"process_{process_index}.jsonl"
         self.prefix = f"[p{process_index}] " if num_processes > 1 else ""
 
@@ -265,6 +266,9 @@ class Batch:
                 load_args.device = self.device
             print(f"{self.prefix}loading {args.model} ...", flush=True)
             self.model = main.build_model(load_args)
+            if self.prompts and hasattr(self.model, "free_text_encoders"):
+                self.model.encode_prompts(self.prompts)
+                self.model.free_text_encoders()
         return self.model
 
     def record(self, item: Item, status: str, seconds: float = 0.0, message: str = "") -> dict:
@@ -294,7 +298,10 @@ class Batch:
 
 def run_share(batch: Batch, share: list[tuple[Item, argparse.Namespace | None, str]], progress: bool) -> list[dict]:
     """Run this process's share of the pending items; return their records (stops after an interruption)."""
+    from guidance.methods import run_prompts
+
     records = []
+    batch.prompts = [prompt for _, args, error in share if not error for prompt in run_prompts(args)]
     for n, (item, args, error) in enumerate(share, 1):
         head = f"{batch.prefix}[{n}/{len(share)}] {item.label()}"
         if error:

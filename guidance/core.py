@@ -311,7 +311,7 @@ class DistillationCore:
         timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         eps_lora, self.last_lora_loss = self.graphs.train_step(
             self.unet, x_t, timesteps, cond.to(self.dtype), noise, self._eps_coefficients(t, noise), self.dtype,
-            self.lora_optimizer, self.lora_parameters)
+            self.lora_optimizer, self.lora_parameters, forward=self._unet_output)
         return eps_lora
 
     def train_lora(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -97,21 +97,27 @@ class CudaGraphs:
 
     def train_step(self, unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    noise: torch.Tensor, eps_coefficients: torch.Tensor, unet_dtype: torch.dtype,
-                   optimizer: torch.optim.Optimizer, parameters: list) -> tuple[torch.Tensor, torch.Tensor]:
+                   optimizer: torch.optim.Optimizer, parameters: list, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (eps_phi detached, loss) after one AdamW step of ||unet's eps(sample, t, c) - noise||^2, from a graph.
 
         sample and noise are in the dtype gradients are formed in; the UNet runs in unet_dtype.
         eps_coefficients = [a, b] turns the UNet's output into eps = a * out + b * sample (epsilon models:
         [1, 0]; v-prediction: [sqrt(abar_t), sqrt(1 - abar_t)]). The optimizer must be capturable. Its warm-up
         calls would train the LoRA, so parameters and optimizer state are restored after them: the graph's first
-        replay is the first step.
+        replay is the first step. forward(x, t, c), if given, replaces unet(x, t, encoder_hidden_states=c): a model
+        whose denoiser takes more conditioning (SDXL's pooled vector and time ids, SD 3's transformer) unpacks it
+        from c there, so that everything the graph reads is one of its inputs or a fixed buffer.
         """
         key = (id(unet), unet_dtype) + _key(sample, timesteps, encoder_hidden_states, noise)
         entry = self._train_steps.get(key)
         if entry is None:
             def fn(x, t, c, target, coefficients):
                 optimizer.zero_grad(set_to_none=True)
-                out = unet(x.to(unet_dtype), t, encoder_hidden_states=c, return_dict=False)[0].to(target.dtype)
+                if forward is None:
+                    out = unet(x.to(unet_dtype), t, encoder_hidden_states=c, return_dict=False)[0]
+                else:
+                    out = forward(x.to(unet_dtype), t, c)
+                out = out.to(target.dtype)
                 eps = coefficients[0] * out + coefficients[1] * x
                 loss = F.mse_loss(eps, target)
                 loss.backward()

@@ -68,6 +68,7 @@ class Method:
     lora: bool = False  # trains a LoRA (VSD)
     loss_name: str = ""  # the model method that computes it, e.g. get_sds_loss
     sampler: Callable | None = None  # (model, StepContext, x_T) -> latents: a sampler, not a loss (no optimisation)
+    extra_prompts: Callable | None = None  # (args) -> the prompts a run encodes besides negative, prompt and edit
 
 
 def _common(c: StepContext, t: int) -> dict:
@@ -90,14 +91,28 @@ def _ddim_sample(m, c: StepContext, x_T):
     return m.ddim_sample(x_T, steps, c.text_embeddings, c.args.guidance_scale)
 
 
+def _null_prompt(args) -> list[str]:
+    return [""]  # eps_null's condition (ScoreDistillation.null_embedding)
+
+
+def _bridge_prompts(args) -> list[str]:
+    """Return the bridge's two prompts: the current image's distribution's and the target's."""
+    return [args.prompt + args.bridge_src_modifier, args.prompt + args.bridge_tgt_modifier]
+
+
+def run_prompts(args) -> list[str]:
+    """Return every prompt a run of args encodes, so that a model can encode them all, then free its text encoders."""
+    method = METHODS[args.loss_type]
+    prompts = [args.negative_prompt, args.prompt] + ([args.edit_prompt] if method.edits else [])
+    return prompts + (method.extra_prompts(args) if method.extra_prompts else [])
+
+
 def _bridge_step(m, c: StepContext, x, t, i, n):
     """SDS for the first bridge_start of the steps, then the bridge between the two modified prompts."""
     if i < round(c.args.bridge_start * n):
         return m.get_sds_loss(x, c.text_embeddings, **_common(c, t))
     if "bridge" not in c.extra:
-        prompt = c.args.prompt
-        c.extra["bridge"] = torch.cat([c.embeds(prompt + c.args.bridge_src_modifier),
-                                       c.embeds(prompt + c.args.bridge_tgt_modifier)])
+        c.extra["bridge"] = torch.cat([c.embeds(prompt) for prompt in _bridge_prompts(c.args)])
     return m.get_bridge_loss(x, c.extra["bridge"], **_common(c, t))
 
 
@@ -117,7 +132,7 @@ METHODS = {m.name: m for m in (
     Method("nfsd", "Noise-Free Score Distillation", "Katzir et al., ICLR 2024, eq. 6-7",
            "w(t) (s (eps_c - eps_null) + delta_D), delta_D = eps_null (t < 200) or eps_null - eps_neg", 7.5, 500,
            "dreamfusion", lambda m, c, x, t, i, n: m.get_nfsd_loss(x, c.text_embeddings, **_common(c, t)), "3B",
-           loss_name="get_nfsd_loss"),
+           loss_name="get_nfsd_loss", extra_prompts=_null_prompt),
     Method("csd", "Classifier Score Distillation", "Yu et al., ICLR 2024, eq. 7",
            "w(t) s (eps_c - eps_u)", 7.5, 500, "dreamfusion",
            lambda m, c, x, t, i, n: m.get_csd_loss(x, c.text_embeddings, **_common(c, t)), "2B",
@@ -131,7 +146,8 @@ METHODS = {m.name: m for m in (
            "w(t) s (eps(x_t; y + tgt_modifier) - eps(x_t; y + src_modifier)), after bridge_start of SDS", 40.0, 500,
            "dreamfusion", _bridge_step, "2B",
            options={"bridge_start": 0.5, "bridge_src_modifier": BRIDGE_SRC_MODIFIER,
-                    "bridge_tgt_modifier": BRIDGE_TGT_MODIFIER}, loss_name="get_bridge_loss"),
+                    "bridge_tgt_modifier": BRIDGE_TGT_MODIFIER}, loss_name="get_bridge_loss",
+           extra_prompts=_bridge_prompts),
     Method("asd", "Asynchronous Score Distillation", "Ma et al., ECCV 2024",
            "w(t) (eps_cfg_s(x_t, t) - eps_c(x_{t+d}, t + d)), the same eps", 7.5, 500, "dreamfusion",
            lambda m, c, x, t, i, n: m.get_asd_loss(x, c.text_embeddings, asd_ratio=c.args.asd_ratio,
@@ -145,14 +161,15 @@ METHODS = {m.name: m for m in (
                                                    delta_s=c.args.ism_delta_s,
                                                    inversion_steps=c.args.inversion_steps, **_common(c, t)),
            "B x n_s (inversion) + B + 2B", t_schedule="anneal",
-           options={"inversion_steps": 5, "ism_delta_t": 80, "ism_delta_s": 200}, loss_name="get_ism_loss"),
+           options={"inversion_steps": 5, "ism_delta_t": 80, "ism_delta_s": 200}, loss_name="get_ism_loss",
+           extra_prompts=_null_prompt),
     Method("sdi", "Score Distillation via Inversion", "Lukoianov et al., NeurIPS 2024, eq. 9",
            "w(t) (eps_cfg_s(x_t) - kappa), x_t by DDIM inversion, kappa = (x_t - alpha_t x) / sigma_t", 7.5, 500,
            "sigma_over_alpha",
            lambda m, c, x, t, i, n: m.get_sdi_loss(x, c.text_embeddings, inversion_steps=c.args.inversion_steps,
                                                    eta=c.args.sdi_eta, **_common(c, t)),
            "B x inversion_steps + 2B", t_schedule="linear", options={"inversion_steps": 10, "sdi_eta": 0.0},
-           loss_name="get_sdi_loss"),
+           loss_name="get_sdi_loss", extra_prompts=_null_prompt),
 )}
 # Baselines a comparison needs beside the losses: the model's own samples, and SDS started from the source.
 METHODS.update({m.name: m for m in (

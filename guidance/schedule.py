@@ -135,3 +135,54 @@ class NoiseSchedule:
     def posterior_std(self, t: int, t_prev: int) -> float:
         """Return the standard deviation of q(x_{t_prev} | x_t, x0)."""
         return self.posterior_coefficients(t, t_prev)[2]
+
+
+class RectifiedFlow(NoiseSchedule):
+    """Rectified-flow (flow-matching) noise path of SD 3 / 3.5: sigma_t = t / T, alpha_t = 1 - sigma_t.
+
+    x_t = (1 - sigma_t) x + sigma_t eps, the path SD 3's transformer was trained on; the transformer is called with
+    timestep 1000 sigma_t = t (diffusers' StableDiffusion3Pipeline passes scheduler.timesteps = sigmas * 1000). No
+    shift: the scheduler's `shift` only respaces a sampler's timesteps and is not part of the path. The model's
+    output is the velocity v = eps - x, turned into eps by eps_coefficients("flow"). There is no alpha-bar (betas,
+    alphas_cumprod) on this path: every formula of the base class is written with alpha(t) and sigma(t), which are
+    overridden here with their table.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.sigmas = torch.arange(self.num_train_timesteps, dtype=torch.float64) / self.num_train_timesteps
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "RectifiedFlow":
+        """Return the path of a diffusers flow-matching scheduler (its num_train_timesteps; its shift is a sampler's)."""
+        return cls(scheduler.config.get("num_train_timesteps", 1000))
+
+    @classmethod
+    def scaled_linear(cls, *args, **kwargs):
+        raise TypeError("a rectified-flow path has no betas: build it with RectifiedFlow(num_train_timesteps)")
+
+    def alpha_bar(self, t: int) -> float:
+        raise TypeError("a rectified-flow path has no alpha-bar: use alpha(t) and sigma(t) (sigma_t = t / T)")
+
+    def alpha(self, t: int) -> float:
+        """Return alpha_t = 1 - t / T (1 at t = -1, clean data)."""
+        return 1.0 if t < 0 else 1.0 - float(self.sigmas[t])
+
+    def sigma(self, t: int) -> float:
+        """Return sigma_t = t / T (0 at t = -1)."""
+        return 0.0 if t < 0 else float(self.sigmas[t])
+
+    def alpha_sigma_table(self) -> torch.Tensor:
+        """Return the [T, 2] float64 table (alpha_t, sigma_t) = (1 - t / T, t / T) for every t."""
+        return torch.stack([1.0 - self.sigmas, self.sigmas], dim=1)
+
+    def posterior_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
+        """Return (c_x0, c_xt, std) of q(x_{t_prev} | x_t, x0) (the base class's general Gaussian form).
+
+        t_prev = 0 is refused: sigma_0 = 0 on this path, so that posterior is a point mass (std 0) and PDS's
+        z = (x_{t_prev} - mu) / std is undefined.
+        """
+        if t_prev == 0:
+            raise ValueError(f"the rectified-flow posterior at t_prev = 0 is a point mass (sigma_0 = 0): use t >= 2, "
+                             f"got t={t}")
+        return super().posterior_coefficients(t, t_prev)

