@@ -18,8 +18,9 @@ bench right after it loaded the model, and counts its peak RSS (VmHWM, reset thr
 loaded) minus its RSS once loaded with every weight read (safetensors are memory-mapped: a weight is
 resident only once read). On CUDA: max_memory_allocated minus what the loaded models hold.
 
-'tiny', 'mid' and 'sd21' are random-weight Stable Diffusions built from config (guidance/random_sd.py) and
-cached under --cache_dir: a UNet's cost does not depend on its weights.
+'tiny', 'mid', 'sd21', 'sd15', 'sdxl', 'sd35m' (and the tests' 'tiny-v', 'tiny-sdxl', 'tiny-sd3') are random-weight
+pipelines of that architecture built from config (guidance/random_sd.py) and cached under --cache_dir: a denoiser's
+cost does not depend on its weights. --memory gives one family's memory table (python bench.py --model sdxl --memory).
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RANDOM_MODELS = ("tiny", "mid", "sd21")
+from guidance.random_sd import SIZES as RANDOM_MODELS  # tiny, mid, sd21, sd15, sdxl, sd35m, ...
 # The issue's targets, set for --model mid on a CPU in fp32 (ratio to floor, MB added over the loaded model).
 TARGETS = {"sds": {"ratio": 1.05, "added_mb": 250}, "pds": {"ratio": 1.05, "added_mb": 250},
            "vsd": {"ratio": 3.0}, "main_loop": {"ratio": 1.10}}
@@ -77,8 +79,8 @@ VARIANTS = {
 def build_parser() -> argparse.ArgumentParser:
     """Return bench.py's argument parser."""
     p = argparse.ArgumentParser(description="Time and peak memory of SDS / PDS / VSD steps against the bare UNet forward.")
-    p.add_argument("--model", default="mid", help="tiny | mid | sd21 (random weights, built once and cached) | toy | "
-                                                 "a diffusers folder (default: mid)")
+    p.add_argument("--model", default="mid", help=f"{' | '.join(RANDOM_MODELS)} (random weights of that architecture, "
+                                                 f"built once and cached) | toy | a diffusers folder (default: mid)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--steps", type=int, default=None,
@@ -106,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the full benchmark, time each generator's render, its render + VAE encode + "
                         "backward, and its whole SDS step against the batch-2 floor, and (CPU) the peak memory of a "
                         "render with its backward; no names: latent pixels gaussians vector")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of the full benchmark, the memory table of one model: its weights per part, and the "
+                        "peak one SDS, PDS and VSD step adds as main.py runs it (prompts encoded, text encoders "
+                        "freed), with each step's time; one model loaded, so SDXL and SD 3.5 fit in 24 GB")
     p.add_argument("--render_size", type=int, default=None, help="--generators: render size (default: the model's)")
     p.add_argument("--num_shapes", type=int, default=256, help="--generators: gaussians / vector shapes (default 256)")
     p.add_argument("--cache_dir", default=None,
@@ -157,7 +163,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if any(name not in GENERATORS for name in args.generators):
             raise UserError(f"unknown --generators {' '.join(args.generators)}: use some of {', '.join(GENERATORS)}")
     if args.model not in RANDOM_MODELS + ("toy",) and not Path(args.model).expanduser().is_dir():
-        raise UserError(f"unknown model {args.model!r}: use tiny, mid, sd21, toy, or a diffusers folder")
+        raise UserError(f"unknown model {args.model!r}: use one of {', '.join(RANDOM_MODELS)}, toy, or a diffusers "
+                        f"folder")
+    modes = [flag for flag in ("variants", "methods", "generators") if getattr(args, flag) is not None]
+    if args.memory and (modes or args.no_memory or args.model == "toy"):
+        raise UserError(f"--memory is a run of its own: drop {', '.join('--' + m for m in modes) or '--no_memory'}"
+                        if modes or args.no_memory else "--memory measures Stable Diffusion models, not the toy world")
     return args
 
 
@@ -175,12 +186,14 @@ def model_source(name: str, cache_dir: str | None) -> str:
         return name if name == "toy" else str(Path(name).expanduser())
     folder = cache_root(cache_dir) / f"random-sd-{name}"
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
-        from guidance.random_sd import build_random_sd
-
         _log(f"building the random-weight {name!r} model in {folder} (once)")
         folder.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        build_random_sd(partial, name)
+        # In a process of its own: building runs OpenMP thread pools, and GNU OpenMP hangs in a process forked
+        # (the memory children) after its parent ran one.
+        subprocess.run([sys.executable, "-c", "import sys; from guidance.random_sd import build_random_sd; "
+                        "build_random_sd(sys.argv[1], sys.argv[2])", str(partial), name],
+                       check=True, cwd=Path(__file__).resolve().parent)
         try:
             partial.rename(folder)  # atomic: a concurrent build or an interrupted one never leaves half a model
         except OSError:
@@ -426,11 +439,14 @@ class MemoryChildren:
     ran a thread pool. Each child restores the thread count.
     """
 
-    def __init__(self, model, threads: int):
+    def __init__(self, model, threads: int, groups: tuple = MEMORY_GROUPS, free_text_encoders: bool = False,
+                 tolerate_failures: bool = False):
         import traceback
 
         self.children = {}
-        for group in MEMORY_GROUPS:
+        self.groups = groups
+        self.tolerate_failures = tolerate_failures  # a group whose process dies (out of memory) gets None figures
+        for group in groups:
             go_read, go_write = os.pipe()
             reply_read, reply_write = os.pipe()
             pid = os.fork()
@@ -444,7 +460,8 @@ class MemoryChildren:
                         os.close(other_reply)
                     os.close(go_write)
                     os.close(reply_read)
-                    _memory_child(model, threads, group, os.fdopen(go_read), os.fdopen(reply_write, "w"))
+                    _memory_child(model, threads, group, os.fdopen(go_read), os.fdopen(reply_write, "w"),
+                                  free_text_encoders)
                     code = 0
                 except BaseException:
                     traceback.print_exc()
@@ -464,8 +481,8 @@ class MemoryChildren:
     def measure(self) -> dict:
         """Return {'method', 'loaded_mb', 'added_mb': name -> MB} measured by the children, one after another (side
         by side, their thread pools would spin against each other: 45 s instead of 19 on 'mid')."""
-        added, loaded = {}, None
-        for group in MEMORY_GROUPS:
+        added, seconds, loaded = {}, {}, None
+        for group in self.groups:
             _, go, reply = self.children[group]
             answer = None
             if group not in self.failed:
@@ -473,15 +490,21 @@ class MemoryChildren:
                 go.flush()
                 answer = _read_line(reply, MEMORY_TIMEOUT_S)
             self.close([group])
+            if not answer and self.tolerate_failures:
+                _log(f"the process measuring {', '.join(group)} died or hung (out of memory?): not measured")
+                added.update(dict.fromkeys(group))
+                seconds.update(dict.fromkeys(group))
+                continue
             if not answer:
                 self.close()
                 raise RuntimeError(f"the process measuring the memory of {', '.join(group)} died or hung "
                                    f"(any traceback is above)")
             answer = json.loads(answer)
             added.update(answer["added_mb"])
+            seconds.update(answer["seconds"])
             loaded = answer["loaded_mb"] if loaded is None else loaded
         return {"method": "peak RSS (VmHWM) of a fresh process per group, minus its RSS once loaded",
-                "loaded_mb": loaded, "added_mb": added}
+                "loaded_mb": loaded, "added_mb": added, "first_step_s": seconds}
 
     def close(self, groups=None) -> None:
         """Kill and reap the children of groups (default: all that are left)."""
@@ -511,11 +534,13 @@ def _read_line(fd: int, timeout: float) -> str | None:
     return data.decode().strip()
 
 
-def _memory_child(model, threads: int, group: tuple, go, reply) -> None:
+def _memory_child(model, threads: int, group: tuple, go, reply, free_text_encoders: bool = False) -> None:
     import torch
 
     torch.set_num_threads(threads)
     steps = make_steps(model, model)
+    if free_text_encoders:  # as main.py and run_all.py do once every prompt is encoded
+        model.free_text_encoders()
     libc = ctypes.CDLL("libc.so.6")
     _touch_weights(model)
     gc.collect()
@@ -525,11 +550,12 @@ def _memory_child(model, threads: int, group: tuple, go, reply) -> None:
     reply.write("ready\n")
     reply.flush()
     go.readline()
-    added = {}
+    added, seconds = {}, {}
     for name in group:
-        steps[name]()  # a fresh process's first step: it pays the one-off costs too, as main.py's does
+        # a fresh process's first step: it pays the one-off costs too, as main.py's does
+        seconds[name] = timed(steps[name], model.device)
         added[name] = _proc_status_kb("VmHWM") * 1024 / MB - loaded_mb
-    reply.write(json.dumps({"loaded_mb": loaded_mb, "added_mb": added}) + "\n")
+    reply.write(json.dumps({"loaded_mb": loaded_mb, "added_mb": added, "seconds": seconds}) + "\n")
     reply.flush()
 
 
@@ -543,7 +569,7 @@ def _touch_weights(model) -> None:
     import torch
 
     with torch.no_grad():
-        for attr in ("unet", "vae", "text_encoder"):
+        for attr in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(model, attr, None)
             if isinstance(module, torch.nn.Module):
                 for tensor in module.state_dict().values():
@@ -998,6 +1024,92 @@ def format_generators(result: dict) -> str:
     return "\n".join(lines)
 
 
+MEMORY_STEPS = ("sds", "pds", "vsd")
+
+
+def weights_mb(model) -> dict:
+    """Return MB of parameters and buffers per loaded part (unet: the denoiser, SD 3's transformer too)."""
+    import torch
+
+    parts = {}
+    for attr in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(model, attr, None)
+        if isinstance(module, torch.nn.Module):
+            tensors = list(module.parameters()) + list(module.buffers())
+            parts[attr] = sum(t.numel() * t.element_size() for t in tensors) / MB
+    return parts
+
+
+def run_memory(args: argparse.Namespace) -> dict:
+    """Return {'weights_mb', 'memory'}: a model's weights per part, and what one SDS, PDS and VSD step adds above the
+    model left once main.py has encoded its prompts and freed the text encoders (and each such step's seconds).
+
+    CPU: one fresh process per step, forked after loading (peak RSS); CUDA: max_memory_allocated over one step after
+    a warm-up step, and the peak of the whole run (loading included).
+    """
+    import torch
+
+    started = time.perf_counter()
+    threads = args.threads or torch.get_num_threads()
+    source = model_source(args.model, args.cache_dir)
+    _log(f"loading {source} ({args.device}, {args.precision})")
+    cuda = args.device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)  # no OpenMP thread pool before the children are forked
+    model = load(source, args)
+    parts = weights_mb(model)
+    if cuda:
+        steps = make_steps(model, model)
+        model.free_text_encoders()
+        torch.cuda.empty_cache()
+        for name in MEMORY_STEPS:  # the first step pays one-off costs (the LoRA's creation, kernel selection)
+            steps[name]()
+        baseline = torch.cuda.memory_allocated(args.device) / MB
+        first = {name: timed(steps[name], args.device) for name in MEMORY_STEPS}
+        memory = cuda_memory({name: steps[name] for name in MEMORY_STEPS}, args.device, baseline, baseline)
+        memory.update(first_step_s=first, run_peak_mb=torch.cuda.max_memory_allocated(args.device) / MB)
+    else:
+        children = MemoryChildren(model, threads, tuple((name,) for name in MEMORY_STEPS), free_text_encoders=True,
+                                  tolerate_failures=True)
+        torch.set_num_threads(threads)
+        try:
+            children.wait_ready()
+            _log("peak memory: one fresh process per step")
+            memory = children.measure()
+        finally:
+            children.close()
+    unet = getattr(model.unet, "_orig_mod", model.unet)
+    result = _short_run_result(args, started, family=getattr(model, "family", "sd"),
+                               unet_params=sum(p.numel() for p in unet.parameters()),
+                               latent_shape=list(model.latent_shape(1)), weights_mb=parts, memory=memory)
+    result["rounds"] = 1
+    return result
+
+
+def format_memory(result: dict) -> str:
+    """Return the human-readable table of a --memory result."""
+    memory, parts = result["memory"], result["weights_mb"]
+    lines = [f"{result['model']} ({result['family']}, denoiser {result['unet_params'] / 1e9:.2f} B params, latents "
+             f"{result['latent_shape']}) on {result['device']} ({result['device_name']}, {result['threads']} threads), "
+             f"{result['precision']}; {result['date']}",
+             "weights MB: " + ", ".join(f"{name} {mb:.0f}" for name, mb in parts.items())
+             + f"; all {sum(parts.values()):.0f}",
+             f"once the text encoders are freed the process holds {memory['loaded_mb']:.0f} MB"
+             + (" (its RSS: the torch runtime included)" if result["device"] == "cpu" else "")
+             + f"; peak +MB: {memory['method']}",
+             f"{'':10s} {'peak +MB':>9s} {'peak MB':>9s} {'first step s':>13s}"]
+    for name in MEMORY_STEPS:
+        added = memory["added_mb"][name]
+        if added is None:
+            lines.append(f"{name:10s} its process died or hung (out of memory?): not measured")
+            continue
+        lines.append(f"{name:10s} {added:9.0f} {memory['loaded_mb'] + added:9.0f} {memory['first_step_s'][name]:13.2f}")
+    if "run_peak_mb" in memory:
+        lines.append(f"peak of the whole run (loading, encoding, every step): {memory['run_peak_mb']:.0f} MB")
+    lines.append(f"bench took {result['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
 def _with_cudnn_benchmark(fn):
     import torch
 
@@ -1032,7 +1144,10 @@ def main(argv=None) -> int:
             print(f"bench: skipped --model toy: guidance.toy does not import ({err.__class__.__name__}: {err})",
                   file=sys.stderr)
             return 0
-    if args.variants:
+    if args.memory:
+        result = run_memory(args)
+        table = format_memory(result)
+    elif args.variants:
         result = run_variants(args)
         table = format_variants(result)
     elif args.methods is not None:

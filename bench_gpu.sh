@@ -5,9 +5,12 @@
 #   bash bench_gpu.sh                 # PYTHON=... to pick the interpreter; OUT=... where results go
 #   VARIANTS=1 bash bench_gpu.sh      # also A/B the fp16 floor and SDS step: the default (CUDA graphs and channels_last),
 #                                     # no CUDA graphs, a contiguous UNet, cuDNN benchmark mode
+#   MEMORY=1 bash bench_gpu.sh        # also the VRAM table of README.md: bench.py --memory for sd15, sdxl and sd35m
+#                                     # (random weights of each real architecture) in fp16 and bf16
 #
 # Budget on an H100: about 1 minute to build the 5 GB random-weight model (once, in $BENCH_CACHE), then about
-# 1 minute per precision; VARIANTS=1 adds about 1 minute.
+# 1 minute per precision; VARIANTS=1 adds about 1 minute; MEMORY=1 builds three more models (sdxl 14 GB, sd35m
+# 16 GB: about 1.5 minutes each on a 2-core CPU) and adds well under a minute per model and precision.
 # Results: $OUT/gpu.txt (the card), $OUT/bench_sd21_<precision>.json (every figure) and .txt (log and table).
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -41,5 +44,17 @@ if [ "${VARIANTS:-0}" = 1 ]; then
   echo "== sd21 fp16 variants: exit $code"
   grep -v "Loading\|Writing" "$OUT/variants_sd21_fp16.txt" | tail -7
   [ "$code" = 0 ] || status=1
+fi
+if [ "${MEMORY:-0}" = 1 ]; then
+  for model in sd15 sdxl sd35m; do
+    for precision in fp16 bf16; do
+      timeout 420 "$PYTHON" bench.py --model "$model" --device cuda --precision "$precision" --cache_dir "$CACHE" \
+        --memory --json > "$OUT/memory_${model}_$precision.json" 2> "$OUT/memory_${model}_$precision.txt"
+      code=$?
+      echo "== $model $precision memory: exit $code"
+      grep -v "Loading\|Writing" "$OUT/memory_${model}_$precision.txt" | tail -8
+      [ "$code" = 0 ] || status=1
+    done
+  done
 fi
 exit $status

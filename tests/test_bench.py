@@ -181,3 +181,34 @@ def test_methods_mode_times_every_method_against_the_unet_calls_it_made(tiny_sd_
 def test_methods_mode_refuses_unknown_methods():
     with pytest.raises(UserError, match="unknown --methods vsd, nope"):
         bench.parse_args(["--model", "tiny", "--methods", "vsd", "nope"])
+
+
+def test_memory_mode_gives_each_part_and_each_step_of_a_family(tmp_path):
+    """--memory on a tiny SDXL: its four parts' weights as their own parameter bytes, and the three steps' peaks."""
+    import io
+    from contextlib import redirect_stdout
+
+    from diffusers import UNet2DConditionModel
+
+    from guidance.random_sd import build_random_sd
+
+    folder = build_random_sd(tmp_path / "sdxl", "tiny-sdxl")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert bench.main(["--model", str(folder), "--device", "cpu", "--memory", "--json"]) == 0
+    result = json.loads(out.getvalue())
+    assert result["family"] == "sdxl" and result["latent_shape"] == [1, 4, 8, 8]
+    assert set(result["weights_mb"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    unet_bytes = sum(t.numel() * t.element_size() for t in list(unet.parameters()) + list(unet.buffers()))
+    assert result["weights_mb"]["unet"] == pytest.approx(unet_bytes / 1e6, rel=1e-9)
+    memory = result["memory"]
+    assert set(memory["added_mb"]) == set(memory["first_step_s"]) == set(bench.MEMORY_STEPS)
+    assert all(math.isfinite(mb) and mb >= 0 for mb in memory["added_mb"].values())
+    assert all(s > 0 for s in memory["first_step_s"].values()) and memory["loaded_mb"] > 0
+
+
+@pytest.mark.parametrize("flags", [["--memory", "--methods"], ["--memory", "--no_memory"]])
+def test_memory_mode_is_a_run_of_its_own(flags):
+    with pytest.raises(UserError, match="--memory is a run of its own"):
+        bench.parse_args(["--model", "tiny", "--device", "cpu", *flags])
