@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the full benchmark, the memory table of one model: its weights per part, and the "
                         "peak one SDS, PDS and VSD step adds as main.py runs it (prompts encoded, text encoders "
                         "freed), with each step's time; one model loaded, so SDXL and SD 3.5 fit in 24 GB")
+    p.add_argument("--lora_checkpointing", action="store_true",
+                   help="VSD's LoRA training step with gradient checkpointing, as main.py --lora_checkpointing")
     p.add_argument("--render_size", type=int, default=None, help="--generators: render size (default: the model's)")
     p.add_argument("--num_shapes", type=int, default=256, help="--generators: gaussians / vector shapes (default 256)")
     p.add_argument("--cache_dir", default=None,
@@ -206,8 +208,9 @@ def load(source: str, args: argparse.Namespace):
     from guidance import load_model
     from utils import resolve_precision
 
+    optional = {"lora_checkpointing": True} if getattr(args, "lora_checkpointing", False) else {}
     return load_model(source, device=args.device, precision=resolve_precision(args.precision),
-                      channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs)
+                      channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs, **optional)
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -1081,7 +1084,8 @@ def run_memory(args: argparse.Namespace) -> dict:
     unet = getattr(model.unet, "_orig_mod", model.unet)
     result = _short_run_result(args, started, family=getattr(model, "family", "sd"),
                                unet_params=sum(p.numel() for p in unet.parameters()),
-                               latent_shape=list(model.latent_shape(1)), weights_mb=parts, memory=memory)
+                               latent_shape=list(model.latent_shape(1)), weights_mb=parts, memory=memory,
+                               lora_checkpointing=bool(getattr(model, "lora_checkpointing", False)))
     result["rounds"] = 1
     return result
 
@@ -1089,7 +1093,7 @@ def run_memory(args: argparse.Namespace) -> dict:
 def format_memory(result: dict) -> str:
     """Return the human-readable table of a --memory result."""
     memory, parts = result["memory"], result["weights_mb"]
-    lines = [f"{result['model']} ({result['family']}, denoiser {result['unet_params'] / 1e9:.2f} B params, latents "
+    lines = [f"{result['model']} ({result['family']}{', LoRA checkpointing' if result.get('lora_checkpointing') else ''}, denoiser {result['unet_params'] / 1e9:.2f} B params, latents "
              f"{result['latent_shape']}) on {result['device']} ({result['device_name']}, {result['threads']} threads), "
              f"{result['precision']}; {result['date']}",
              "weights MB: " + ", ".join(f"{name} {mb:.0f}" for name, mb in parts.items())

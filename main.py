@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short name (sd15, sd21, sd21-768, sdxl, sd35m), hub id, local diffusers folder, or 'toy'")
     p.add_argument("--no_t5", action="store_true", help="SD 3: leave the T5 text encoder unloaded (zeros in its "
                                                         "place, as diffusers does; saves 9.5 GB in fp16)")
+    p.add_argument("--lora_checkpointing", action="store_true",
+                   help="VSD: recompute the denoiser's activations in the LoRA's backward (same result, much less "
+                        "memory, one more forward's time; BENCHMARKS.md)")
     p.add_argument("--cpu_offload", action="store_true", help="keep the text encoders and the VAE in CPU memory, "
                                                               "on the GPU only while they run")
     p.add_argument("--seed", type=int, default=0)
@@ -142,6 +145,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--num_particles {args.num_particles}: {label} edits one image; particles are for "
                             f"generation methods")
         load_image(args.src_img_path)  # a missing or unreadable image fails here, not after loading the model
+    if getattr(args, "lora_checkpointing", False) and not method.lora:
+        raise UserError(f"--lora_checkpointing is for the methods that train a LoRA "
+                        f"({', '.join(n for n, m in METHODS.items() if m.lora)}), not {args.loss_type}: drop it")
     _check_timesteps(args)
     if method.sampler is not None and getattr(args, "generator", "latent") != "latent":
         raise UserError(f"--loss_type {args.loss_type} samples latents with the model itself: drop --generator "
@@ -216,7 +222,7 @@ def build_model(args: argparse.Namespace):
         # The toy's tensors are tiny: extra CPU threads only spin-wait (a 500-step run: 5 s on 1 thread, 25 s on 2).
         torch.set_num_threads(1)
     optional = {} if args.lora_lr is None else {"lora_lr": args.lora_lr}
-    for flag in ("no_t5", "cpu_offload"):  # Stable Diffusion's only
+    for flag in ("no_t5", "cpu_offload", "lora_checkpointing"):  # Stable Diffusion's only
         if getattr(args, flag, False):
             if args.model == "toy":
                 raise UserError(f"--{flag} is for Stable Diffusion models, not the toy world: drop it")

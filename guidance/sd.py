@@ -61,6 +61,9 @@ class StableDiffusion(ScoreDistillation):
     main.py's parsed arguments (the course skeleton's call); `precision` takes a torch dtype or 'fp32' | 'fp16' |
     'bf16'. no_t5: SD 3 only, leave its T5 encoder unloaded. cpu_offload: keep the text encoders and the VAE in
     CPU memory and move each to the device only while it runs (the denoiser stays on the device).
+    lora_checkpointing: VSD's LoRA training step recomputes the denoiser's activations in its backward (gradient
+    checkpointing: same gradients, much less memory, one more forward's time; that step then runs without CUDA
+    graphs).
     """
 
     family = "sd"  # "sd" (1.x / 2.x), "sdxl" or "sd3"
@@ -76,7 +79,8 @@ class StableDiffusion(ScoreDistillation):
     def __init__(self, model: str = DEFAULT_MODEL, device=None, precision=torch.float32, t_range=(0.02, 0.98),
                  weighting: str = "uniform", lora_rank: int = 4, lora_lr: float = 1e-4,
                  vsd_lora_timestep: str = "fresh", channels_last="auto", compile: bool = False,
-                 cuda_graphs="auto", no_t5: bool = False, cpu_offload: bool = False):
+                 cuda_graphs="auto", no_t5: bool = False, cpu_offload: bool = False,
+                 lora_checkpointing: bool = False):
         from guidance.families import resolve_model
 
         if isinstance(model, argparse.Namespace):  # the course skeleton's StableDiffusion(args, t_range=...)
@@ -84,7 +88,9 @@ class StableDiffusion(ScoreDistillation):
             model, device, precision = getattr(args, "model", DEFAULT_MODEL), args.device, args.precision
             weighting = getattr(args, "weighting", weighting)
             no_t5, cpu_offload = getattr(args, "no_t5", no_t5), getattr(args, "cpu_offload", cpu_offload)
+            lora_checkpointing = getattr(args, "lora_checkpointing", lora_checkpointing)
         self._setup_distillation(t_range, weighting, lora_rank, lora_lr, vsd_lora_timestep)
+        self.lora_checkpointing = bool(lora_checkpointing)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision)
         use_graphs = resolve_cuda_graphs(cuda_graphs, self.device, compile)

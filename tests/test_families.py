@@ -409,6 +409,8 @@ def test_unsupported_and_broken_models_get_one_clear_error(folders, tmp_path, ca
     (["--no_t5"], "sdxl", "--no_t5 leaves SD 3's T5 text encoder unloaded, but"),
     (["--cpu_offload"], "sd3", "--cpu_offload moves the text encoders and the VAE"),
     (["--no_t5"], "toy", "--no_t5 is for Stable Diffusion models, not the toy world"),
+    (["--lora_checkpointing"], "sdxl", "--lora_checkpointing is for the methods that train a LoRA (vsd), not sds"),
+    (["--lora_checkpointing", "--loss_type", "vsd"], "toy", "--lora_checkpointing is for Stable Diffusion models"),
 ])
 def test_family_flags_are_checked(folders, tmp_path, capsys, flags, model, words):
     code, err = run_main(["--model", str(folders.get(model, model)), "--prompt", "a cat", "--device", "cpu",
@@ -433,3 +435,34 @@ def test_half_precision_sds_gradient_stays_near_float32(folders, family):
     for precision, tolerance in (("fp16", 1e-2), ("bf16", 6e-2)):
         error = ((grads[precision] - grads["fp32"]).norm() / grads["fp32"].norm()).item()
         assert error < tolerance, (precision, error)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_checkpointing_recomputes_in_the_backward_and_changes_nothing_else(folders, family):
+    """--lora_checkpointing: two VSD steps give the same gradients and LoRA weights as without it, and the
+    denoiser's last block runs again inside the LoRA's backward (a hook counts its calls)."""
+    runs = {}
+    for checkpointing in (False, True):
+        model = StableDiffusion(str(folders[family]), device="cpu", precision=torch.float64, lora_lr=1e-2,
+                                lora_checkpointing=checkpointing)
+        # what diffusers checkpoints: each MMDiT block; a UNet block's resnets and attentions one by one
+        block = model.unet.transformer_blocks[-1] if family == "sd3" else model.unet.up_blocks[0].resnets[-1]
+        forwards = []
+        # a pre-hook: checkpointing's recompute stops once it has what the backward needs, before a block returns
+        block.register_forward_pre_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
+        grads = []
+        torch.manual_seed(0)  # the LoRA trains at a fresh t and noise drawn from the global generator
+        for step in range(2):
+            x = randn(model, 10 + step).requires_grad_(True)
+            model.get_vsd_loss(x, embeddings(model, NEGATIVE, PROMPT), guidance_scale=7.5, t=300 + step,
+                               noise=randn(model, 20 + step)).backward()
+            grads.append(x.grad)
+        lora = {name: p.detach().clone() for name, p in model.unet.named_parameters() if "lora_" in name}
+        runs[checkpointing] = grads, lora, forwards
+    (grads, lora, plain), (grads_ckpt, lora_ckpt, recomputed) = runs[False], runs[True]
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        assert torch.allclose(g, g_ckpt, atol=1e-10)
+    assert lora.keys() == lora_ckpt.keys() and all(torch.allclose(lora[k], lora_ckpt[k], atol=1e-12) for k in lora)
+    # per VSD step: the no_grad CFG pass, the LoRA's no_grad pass at x_t (fresh t), its training forward; with
+    # checkpointing the training forward runs once more, with autograd, in the backward
+    assert plain.count(True) == 2 and recomputed.count(True) == 4
