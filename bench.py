@@ -412,6 +412,8 @@ def split_loop(run: dict, log_step: int) -> dict:
 # ----------------------------------------------------------------------------------------- memory
 # On CPU each group is measured in a fresh process, so that no measurement inherits another's leftovers (heap
 # the allocator keeps, kernel caches); within a group the step runs after its floor, whose peak it exceeds.
+# A loaded model's weight-holding parts (unet: the denoiser, SD 3's transformer too), where it has them.
+MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 MEMORY_GROUPS = (("floor_b2", "sds"), ("floor_b4", "pds"), ("vsd",), ("vsd_shared",))
 MEMORY_TIMEOUT_S = 1800
 
@@ -572,7 +574,7 @@ def _touch_weights(model) -> None:
     import torch
 
     with torch.no_grad():
-        for attr in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        for attr in MODEL_PARTS:
             module = getattr(model, attr, None)
             if isinstance(module, torch.nn.Module):
                 for tensor in module.state_dict().values():
@@ -1035,7 +1037,7 @@ def weights_mb(model) -> dict:
     import torch
 
     parts = {}
-    for attr in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    for attr in MODEL_PARTS:
         module = getattr(model, attr, None)
         if isinstance(module, torch.nn.Module):
             tensors = list(module.parameters()) + list(module.buffers())

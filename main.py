@@ -214,6 +214,13 @@ def output_name(args: argparse.Namespace) -> str:
     return prompt_to_filename(args.edit_prompt if METHODS[args.loss_type].edits else args.prompt)
 
 
+def encode_then_free_text_encoders(model, prompts) -> None:
+    """Encode prompts into a Stable Diffusion model's cache, then free its text encoders (the toy has none)."""
+    if prompts and hasattr(model, "free_text_encoders"):
+        model.encode_prompts(prompts)
+        model.free_text_encoders()
+
+
 def build_model(args: argparse.Namespace):
     """Return the guidance model that args name (loaded once; run() can reuse it for many prompts)."""
     from guidance import load_model
@@ -544,11 +551,9 @@ def main(argv=None) -> int:
     print(f"[*] {args.loss_type.upper()} with {args.model}: guidance {args.guidance_scale}, {args.step} steps, "
           f"seed {args.seed}")
     model = build_model(args)
-    if hasattr(model, "free_text_encoders"):  # one run: its prompts are all known, the encoders' memory is not needed
-        from guidance.methods import run_prompts
+    from guidance.methods import run_prompts
 
-        model.encode_prompts(run_prompts(args))
-        model.free_text_encoders()
+    encode_then_free_text_encoders(model, run_prompts(args))  # one run: its prompts are all known
     result = run(model, args)
     if result.status == "finished":
         print(f"Saved {result.image_path}")

@@ -266,9 +266,7 @@ class Batch:
                 load_args.device = self.device
             print(f"{self.prefix}loading {args.model} ...", flush=True)
             self.model = main.build_model(load_args)
-            if self.prompts and hasattr(self.model, "free_text_encoders"):
-                self.model.encode_prompts(self.prompts)
-                self.model.free_text_encoders()
+            main.encode_then_free_text_encoders(self.model, self.prompts)
         return self.model
 
     def record(self, item: Item, status: str, seconds: float = 0.0, message: str = "") -> dict:

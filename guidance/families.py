@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance.common import UserError
-from guidance.schedule import NoiseSchedule, RectifiedFlow
+from guidance.schedule import RectifiedFlow
 from guidance.sd import DEFAULT_MODEL, StableDiffusion
 
 
@@ -232,6 +232,19 @@ def split_pooled_row(embeddings: torch.Tensor, pooled_dim: int) -> tuple[torch.T
     return embeddings[:, :-1], embeddings[:, -1, :pooled_dim]
 
 
+def _two_clips(model: StableDiffusion, prompt: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Return (both CLIP encoders' penultimate hidden states concatenated, [each encoder's first output]) for SDXL
+    and SD 3, whose pipelines read the same two CLIPs this way (a CLIPTextModelWithProjection's first output is
+    its projected text_embeds)."""
+    hidden_states, first_outputs = [], []
+    for tokenizer, text_encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
+        with model._on_device(text_encoder) as encoder:
+            output = encoder(model._clip_tokens(tokenizer, prompt).to(encoder.device), output_hidden_states=True)
+            hidden_states.append(output.hidden_states[-2].to(model.device))
+            first_outputs.append(output[0].to(model.device))
+    return torch.cat(hidden_states, dim=-1), first_outputs
+
+
 # ----------------------------------------------------------------------------------------- SDXL
 class StableDiffusionXL(StableDiffusion):
     """SDXL base: two CLIP text encoders, a UNet with pooled-text and size conditioning, the DDPM path (epsilon).
@@ -247,21 +260,14 @@ class StableDiffusionXL(StableDiffusion):
     text_encoder_names = ("text_encoder", "text_encoder_2")
 
     def _load_components(self, source: str, kwargs: dict) -> None:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        # SD 1.x / 2.x's parts (the first CLIP, the UNet, the VAE; its Euler scheduler's config gives the DDPM betas
+        # and the prediction type), then the second encoder, whose projection is the pooled vector.
+        super()._load_components(source, kwargs)
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
-        self.text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=self.dtype, **kwargs)
         self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
                                                                           dtype=self.dtype, **kwargs)
-        self.unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype, **kwargs)
-        self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=self._vae_dtype(source, kwargs),
-                                                 **kwargs)
-        # Its Euler scheduler's config gives the DDPM betas and the prediction type, as for SD 1.x / 2.x.
-        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
-        self.schedule = NoiseSchedule.from_scheduler(scheduler)
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.pooled_dim = self.text_encoder_2.config.projection_dim
 
     def _vae_dtype(self, source: str, kwargs: dict) -> torch.dtype:
@@ -285,13 +291,8 @@ class StableDiffusionXL(StableDiffusion):
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         """Return StableDiffusionXLPipeline.encode_prompt's (prompt_embeds, pooled) as one [1, 77 + 1, 2048] tensor."""
-        hidden_states = []
-        for tokenizer, text_encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            with self._on_device(text_encoder) as encoder:
-                output = encoder(self._clip_tokens(tokenizer, prompt).to(encoder.device), output_hidden_states=True)
-                hidden_states.append(output.hidden_states[-2].to(self.device))
-        pooled = output[0].to(self.device)  # the second encoder's text_embeds
-        return append_pooled_row(torch.cat(hidden_states, dim=-1), pooled)
+        hidden_states, first_outputs = _two_clips(self, prompt)
+        return append_pooled_row(hidden_states, first_outputs[1])  # the second encoder's text_embeds
 
     def _unet_output(self, x: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         prompt_embeds, pooled = split_pooled_row(encoder_hidden_states, self.pooled_dim)
@@ -358,13 +359,7 @@ class StableDiffusion3(StableDiffusion):
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         """Return StableDiffusion3Pipeline.encode_prompt's (prompt_embeds, pooled) as one [1, 77 + 256 + 1, 4096] tensor."""
-        hidden_states, pooled = [], []
-        for tokenizer, text_encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            with self._on_device(text_encoder) as encoder:
-                output = encoder(self._clip_tokens(tokenizer, prompt).to(encoder.device), output_hidden_states=True)
-                hidden_states.append(output.hidden_states[-2].to(self.device))
-                pooled.append(output[0].to(self.device))
-        clip = torch.cat(hidden_states, dim=-1)
+        clip, pooled = _two_clips(self, prompt)  # both encoders' text_embeds make the pooled vector
         t5 = self._t5_embeds(prompt, clip.dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return append_pooled_row(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))

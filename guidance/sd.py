@@ -70,19 +70,20 @@ class StableDiffusion(ScoreDistillation):
     text_encoder_names = ("text_encoder",)  # the attributes free_text_encoders() releases
 
     def __new__(cls, model=DEFAULT_MODEL, *args, **kwargs):
-        if cls is StableDiffusion:
-            from guidance.families import family_class, resolve_model
+        from guidance.families import family_class, resolve_model
 
-            cls = family_class(resolve_model(_model_name(model)).family)
-        return super().__new__(cls)
+        source = resolve_model(_model_name(model))  # read once: __init__ loads from it
+        if cls is StableDiffusion:
+            cls = family_class(source.family)
+        instance = super().__new__(cls)
+        instance.source = source
+        return instance
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, precision=torch.float32, t_range=(0.02, 0.98),
                  weighting: str = "uniform", lora_rank: int = 4, lora_lr: float = 1e-4,
                  vsd_lora_timestep: str = "fresh", channels_last="auto", compile: bool = False,
                  cuda_graphs="auto", no_t5: bool = False, cpu_offload: bool = False,
                  lora_checkpointing: bool = False):
-        from guidance.families import resolve_model
-
         if isinstance(model, argparse.Namespace):  # the course skeleton's StableDiffusion(args, t_range=...)
             args = model
             model, device, precision = getattr(args, "model", DEFAULT_MODEL), args.device, args.precision
@@ -102,7 +103,7 @@ class StableDiffusion(ScoreDistillation):
         self.model_name = str(model)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._text_encoders_freed = False
-        source = resolve_model(str(model))
+        source = self.source  # resolved by __new__
         if source.family != self.family:
             raise UserError(f"{model!r} is a {source.family} model, not {self.family}: load it with "
                             f"StableDiffusion({str(model)!r})")
@@ -110,7 +111,6 @@ class StableDiffusion(ScoreDistillation):
             raise UserError(f"--no_t5 leaves SD 3's T5 text encoder unloaded, but {model!r} is {self.family} (no T5): "
                             f"drop --no_t5")
         self.no_t5 = bool(no_t5)
-        self.source = source
         try:
             self._load_components(source.path, {"local_files_only": True} if source.local else {})
         except (OSError, ValueError, EnvironmentError) as err:
@@ -216,17 +216,14 @@ class StableDiffusion(ScoreDistillation):
         if self._text_encoders_freed:
             raise RuntimeError(f"the text encoders were freed (free_text_encoders()) before the prompt {prompt!r} was "
                                f"encoded: encode every prompt of the run first")
-        self._warn_if_truncated(prompt, self.tokenizer)
+        max_length = self.tokenizer.model_max_length
+        n_tokens = len(self.tokenizer(prompt).input_ids)
+        if n_tokens > max_length:
+            warnings.warn(f"prompt {prompt[:40]!r}... is {n_tokens} tokens; the text encoder reads only the first "
+                          f"{max_length}, so it is truncated", stacklevel=2)
         embeddings = self._encode_prompt(prompt)
         self._text_cache[prompt] = embeddings
         return embeddings
-
-    def _warn_if_truncated(self, prompt: str, tokenizer, reader: str = "the text encoder") -> None:
-        max_length = tokenizer.model_max_length
-        n_tokens = len(tokenizer(prompt).input_ids)
-        if n_tokens > max_length:
-            warnings.warn(f"prompt {prompt[:40]!r}... is {n_tokens} tokens; {reader} reads only the first "
-                          f"{max_length}, so it is truncated", stacklevel=3)
 
     def _clip_tokens(self, tokenizer, prompt: str) -> torch.Tensor:
         return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
