@@ -44,13 +44,13 @@ FAMILIES = {f.short_name: f for f in (
 )}
 LABELS = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD 3"}
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
-# The parts each family cannot run without (SD 3's T5, text_encoder_3 / tokenizer_3, is optional).
+# The parts each family cannot run without (SD 3's T5, text_encoder_3 / tokenizer_3, is optional: without it SD 3
+# runs on its CLIPs and says so).
 REQUIRED = {
     "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
     "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
 }
-OPTIONAL = {"sd3": ("text_encoder_3", "tokenizer_3")}
 GUIDANCE_DISTILLED = ("Flux",)  # pipeline / transformer class name prefixes
 SUPPORTED = ("supported: StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL base), "
              "StableDiffusion3Pipeline (SD 3 / 3.5); short names " + ", ".join(FAMILIES))
@@ -101,24 +101,23 @@ def resolve_model(model: str) -> ModelSource:
                             f"model_index.json, or a hub id")
         index = _read_json(local / "model_index.json") or {}
         family = _family_from_index(index, model) if index else _family_from_configs(local)
-        source = ModelSource(model, str(local), True, family, index)
-        missing = [name for name in REQUIRED[family] + OPTIONAL.get(family, ())
-                   if (name in REQUIRED[family] or source.has_component(name)) and not (local / name).is_dir()]
+        missing = [name for name in REQUIRED[family] if not (local / name).is_dir()]
         if missing:
             raise UserError(f"{local} is not a complete {LABELS[family]} folder: {', '.join(n + '/' for n in missing)} "
                             f"missing (it needs {', '.join(REQUIRED[family])}); download it again")
-        return source
+        return ModelSource(model, str(local), True, family, index)
     hub_id = FAMILIES[model].hub_id if model in FAMILIES else model
     if not _looks_like_hub_id(hub_id):
         raise UserError(f"unknown model {model!r}: give a short name ({', '.join(FAMILIES)}), a hub id (e.g. "
                         f"{DEFAULT_MODEL}), a local diffusers folder, or 'toy'")
     index = _hub_model_index(hub_id, model)
     family = _family_from_index(index, model)
-    absent = [name for name in REQUIRED[family] if not ModelSource(model, hub_id, False, family, index).has_component(name)]
+    source = ModelSource(model, hub_id, False, family, index)
+    absent = [name for name in REQUIRED[family] if not source.has_component(name)]
     if absent:
         raise UserError(f"{hub_id}'s model_index.json lists no {', '.join(absent)}: it is not a complete "
                         f"{LABELS[family]} pipeline")
-    return ModelSource(model, hub_id, False, family, index)
+    return source
 
 
 def _family_from_index(index: dict, name: str) -> str:
