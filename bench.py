@@ -861,7 +861,7 @@ def make_method_steps(model, names: list[str]) -> tuple[dict, dict]:
 
         def step(method=method, context=context, latents=latents, optimizer=optimizer, n=method_args.step):
             optimizer.zero_grad(set_to_none=True)
-            (main_py.LOSS_SCALE * method.step(model, context, latents, METHOD_T, n, n)).backward()
+            (main_py.LOSS_SCALE * method.compute_loss(model, context, latents, METHOD_T, n)).backward()
             optimizer.step()
 
         recorded = []

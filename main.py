@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timesteps as fractions of T (default 0.02 0.98; dds 0.05 0.95)")
     p.add_argument("--t_anneal_to", type=float, default=T_ANNEAL_TO,
                    help=f"--t_schedule anneal: the max t falls linearly to this fraction of T (default {T_ANNEAL_TO})")
-    for dest, (kind, text) in OPTION_FLAGS.items():
-        p.add_argument(f"--{dest}", type=kind, default=None, help=text)
+    for dest, option in OPTION_FLAGS.items():
+        p.add_argument(f"--{dest}", type=option.kind, default=None, help=option.help)
     p.add_argument("--num_particles", type=int, default=1, help="VSD particles (images optimised together)")
     p.add_argument("--generator", type=str, default="latent", choices=GENERATORS,
                    help="what is optimised: the latents (the course), pixels, 2D gaussians, or vector shapes (also an SVG)")
@@ -235,7 +235,7 @@ def build_model(args: argparse.Namespace):
                 raise UserError(f"--{flag} is for Stable Diffusion models, not the toy world: drop it")
             optional[flag] = True
     return load_model(args.model, device=args.device, precision=resolve_precision(args.precision),
-                      weighting=args.weighting or "uniform", vsd_lora_timestep=args.vsd_lora_timestep,
+                      vsd_lora_timestep=args.vsd_lora_timestep,
                       channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
                       **optional)
 
@@ -364,7 +364,7 @@ def run(model, args: argparse.Namespace, progress: bool = True, init_latents: to
                           timesteps.min_step, timesteps.max_step)
 
     def loss_fn() -> torch.Tensor:
-        return method.step(model, context, latents, timesteps(step), step, args.step)
+        return method.compute_loss(model, context, latents, timesteps(step), step)
 
     optimizer = torch.optim.AdamW(generator.param_groups(args.lr), lr=args.lr, weight_decay=0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, int(args.step * 1.5))

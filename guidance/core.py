@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from guidance.common import UserError
-from guidance.schedule import WEIGHTINGS
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 VSD_LORA_TIMESTEPS = ("fresh", "shared")
@@ -63,21 +62,16 @@ class DistillationCore:
     lora_target_modules = LORA_TARGET_MODULES
     prediction_type = "epsilon"
 
-    def _setup_distillation(self, t_range=(0.02, 0.98), weighting="uniform", lora_rank=4, lora_lr=1e-4,
-                            vsd_lora_timestep="fresh") -> None:
+    def _setup_distillation(self, t_range=(0.02, 0.98), lora_rank=4, lora_lr=1e-4, vsd_lora_timestep="fresh") -> None:
         """Validate and store the settings the losses share (called by subclasses before loading weights)."""
         t_range = tuple(float(v) for v in t_range)
         if len(t_range) != 2 or not 0.0 <= t_range[0] < t_range[1] <= 1.0:
             raise UserError(f"t_range {t_range} is invalid: give (min, max) with 0 <= min < max <= 1, e.g. (0.02, 0.98)")
-        weighting = "uniform" if weighting is None else weighting
-        if weighting not in WEIGHTINGS:
-            raise UserError(f"unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
         if vsd_lora_timestep not in VSD_LORA_TIMESTEPS:
             raise UserError(f"unknown vsd_lora_timestep {vsd_lora_timestep!r}: use one of {', '.join(VSD_LORA_TIMESTEPS)}")
         if int(lora_rank) < 1:
             raise UserError(f"lora_rank {lora_rank} must be a positive integer, e.g. 4")
         self.t_range = t_range
-        self.weighting = weighting
         self.lora_rank = int(lora_rank)
         self.lora_lr = float(lora_lr)
         self.vsd_lora_timestep = vsd_lora_timestep
@@ -111,10 +105,6 @@ class DistillationCore:
         if not 1 <= t < self.schedule.num_train_timesteps:
             raise ValueError(f"timestep t={t} is outside [1, {self.schedule.num_train_timesteps - 1}]")
         return t
-
-    def _weight(self, t: int, weighting: str | None) -> float:
-        """Return w(t) for the given weighting, or for the model's own setting when weighting is None."""
-        return self.schedule.weight(t, self.weighting if weighting is None else weighting)
 
     def _noise_like(self, latents: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Return noise in grad_dtype on the latents' device, or fresh N(0, I) noise shaped like latents."""

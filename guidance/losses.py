@@ -7,7 +7,8 @@ prediction for the empty prompt "". Every loss forms its gradient explicitly and
 `0.5 * ||x - (x - grad).detach()||^2 / batch`, so that d loss / d x = grad / batch (threestudio's
 reparameterisation). UNet calls run under no_grad, batched (one call per distinct input set); gradients are
 formed in float32 (float64 when the latents are float64). Every loss takes optional `t` and `noise` (so tests can
-pin them) and `weighting=None` (None: the model's setting), and records what it aimed at in `last_guidance`.
+pin them) and `weighting`, whose default is the method's paper weighting (guidance/methods.py lists the same), and
+records what it aimed at in `last_guidance`.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ScoreDistillation(DistillationCore):
     # ----------------------------------------------------------------------------------------- the course's three
     def get_sds_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 100,
                      grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
-                     weighting: str | None = None) -> torch.Tensor:
+                     weighting: str = "uniform") -> torch.Tensor:
         """Return the SDS loss; its gradient w.r.t. latents is grad_scale * w(t) * (eps_cfg_s(x_t) - noise).
 
         DreamFusion (Poole et al., ICLR 2023), eq. 3:  x_t = alpha_t x + sigma_t eps,
@@ -46,12 +47,12 @@ class ScoreDistillation(DistillationCore):
         with torch.no_grad(), self.lora_disabled():
             x_t = self._noised(latents, noise, t)
             eps_hat = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
-        grad = grad_scale * self._weight(t, weighting) * (eps_hat - noise)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (eps_hat - noise)
         return self._record(latents, grad, t, x_t, eps_hat)
 
     def get_pds_loss(self, src_latents: torch.Tensor, tgt_latents: torch.Tensor, src_text_embedding: torch.Tensor,
                      tgt_text_embedding: torch.Tensor, guidance_scale: float = 7.5, grad_scale: float = 1,
-                     t: int | None = None, noise=None, weighting: str | None = None) -> torch.Tensor:
+                     t: int | None = None, noise=None, weighting: str = "uniform") -> torch.Tensor:
         """Return the PDS loss; its gradient w.r.t. tgt_latents is grad_scale * w(t) * (z_tgt - z_src).
 
         Posterior Distillation Sampling (Koo et al., CVPR 2024, eq. 9), noise_t and noise_{t-1} shared by both sides:
@@ -75,12 +76,12 @@ class ScoreDistillation(DistillationCore):
             x0_hat = self.schedule.predict_x0(x_t, eps_hat, t)
             mu = self.schedule.posterior_mean(x0_hat, x_t, t, t_prev)
             z_src, z_tgt = ((x_t_prev - mu) / self.schedule.posterior_std(t, t_prev)).chunk(2)
-        grad = grad_scale * self._weight(t, "uniform" if weighting is None else weighting) * (z_tgt - z_src)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (z_tgt - z_src)
         return self._record(tgt_latents, grad, t, x_t.chunk(2)[1], eps_hat.chunk(2)[1])
 
     def get_vsd_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
-                     weighting: str | None = None) -> torch.Tensor:
+                     weighting: str = "uniform") -> torch.Tensor:
         """Return the VSD loss; its gradient w.r.t. latents is grad_scale * w(t) * (eps_cfg_s(x_t) - eps_phi(x_t, t, y)).
 
         ProlificDreamer (Wang et al., NeurIPS 2023), eq. 9: eps_phi is the same UNet with a LoRA (adapters disabled
@@ -102,13 +103,13 @@ class ScoreDistillation(DistillationCore):
             with torch.no_grad():
                 eps_lora = self.predict_eps(x_t, t, cond)
             self.train_lora(latents.detach().to(noise.dtype), cond)
-        grad = grad_scale * self._weight(t, weighting) * (eps_pretrained - eps_lora)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (eps_pretrained - eps_lora)
         return self._record(latents, grad, t, x_t, eps_pretrained)
 
     # ----------------------------------------------------------------------------------------- the zoo
     def get_nfsd_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                       grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
-                      weighting: str | None = None) -> torch.Tensor:
+                      weighting: str = "dreamfusion") -> torch.Tensor:
         """Return the NFSD loss; its gradient is grad_scale * w(t) * (s (eps_c - eps_null) + delta_D).
 
         Noise-Free Score Distillation (Katzir et al., ICLR 2024, eq. 6-7): delta_D = eps_null for t < 200, else
@@ -125,12 +126,12 @@ class ScoreDistillation(DistillationCore):
                                                            torch.cat([null, neg, cond])).chunk(3)
             delta_c = eps_cond - eps_null
             delta_d = eps_null if t < NFSD_SMALL_T else eps_null - eps_neg
-        grad = grad_scale * self._weight(t, weighting) * (guidance_scale * delta_c + delta_d)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (guidance_scale * delta_c + delta_d)
         return self._record(latents, grad, t, x_t, eps_null + guidance_scale * delta_c)
 
     def get_csd_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
-                     weighting: str | None = None) -> torch.Tensor:
+                     weighting: str = "dreamfusion") -> torch.Tensor:
         """Return the CSD loss; its gradient is grad_scale * w(t) * s * (eps_c - eps_u): the CFG term alone.
 
         Classifier Score Distillation (Yu et al., ICLR 2024, eq. 7): SDS without its denoising term. One batch-2B call.
@@ -140,13 +141,13 @@ class ScoreDistillation(DistillationCore):
         with torch.no_grad(), self.lora_disabled():
             x_t = self._noised(latents, noise, t)
             eps_uncond, eps_cond = self.predict_uncond_cond(x_t, t, text_embeddings)
-        grad = grad_scale * self._weight(t, weighting) * guidance_scale * (eps_cond - eps_uncond)
+        grad = grad_scale * self.schedule.weight(t, weighting) * guidance_scale * (eps_cond - eps_uncond)
         return self._record(latents, grad, t, x_t, eps_uncond + guidance_scale * (eps_cond - eps_uncond))
 
     def get_dds_loss(self, src_latents: torch.Tensor, tgt_latents: torch.Tensor, src_text_embedding: torch.Tensor,
                      tgt_text_embedding: torch.Tensor, guidance_scale: float = 7.5, grad_scale: float = 1,
                      t: int | None = None, noise: torch.Tensor | None = None,
-                     weighting: str | None = None) -> torch.Tensor:
+                     weighting: str = "uniform") -> torch.Tensor:
         """Return the DDS loss; its gradient w.r.t. tgt_latents is grad_scale * w(t) * (eps_cfg_s(z_t; y_tgt) - eps_cfg_s(zhat_t; y_src)).
 
         Delta Denoising Score (Hertz et al., ICCV 2023, eq. 5): z_t (target) and zhat_t (source) are noised with
@@ -159,12 +160,12 @@ class ScoreDistillation(DistillationCore):
             x_t = self.schedule.add_noise(x0, torch.cat([noise, noise]), t)
             eps_src, eps_tgt = self.get_noise_preds(x_t, t, _pair_rows(src_text_embedding, tgt_text_embedding),
                                                     guidance_scale).chunk(2)
-        grad = grad_scale * self._weight(t, "uniform" if weighting is None else weighting) * (eps_tgt - eps_src)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (eps_tgt - eps_src)
         return self._record(tgt_latents, grad, t, x_t.chunk(2)[1], eps_tgt)
 
     def get_bridge_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 40,
                         grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
-                        weighting: str | None = None) -> torch.Tensor:
+                        weighting: str = "dreamfusion") -> torch.Tensor:
         """Return the SDS-Bridge loss; its gradient is grad_scale * w(t) * s * (eps(x_t; y_tgt) - eps(x_t; y_src)).
 
         Rethinking Score Distillation as a Bridge Between Image Distributions (McAllister et al., NeurIPS 2024,
@@ -176,7 +177,7 @@ class ScoreDistillation(DistillationCore):
         with torch.no_grad(), self.lora_disabled():
             x_t = self._noised(latents, noise, t)
             eps_src, eps_tgt = self.predict_uncond_cond(x_t, t, text_embeddings)
-        grad = grad_scale * self._weight(t, weighting) * guidance_scale * (eps_tgt - eps_src)
+        grad = grad_scale * self.schedule.weight(t, weighting) * guidance_scale * (eps_tgt - eps_src)
         return self._record(latents, grad, t, x_t, eps_tgt)
 
     def asd_t_plus(self, t: int, ratio: float = 0.1, u: float | None = None, min_step: int | None = None) -> int:
@@ -188,7 +189,7 @@ class ScoreDistillation(DistillationCore):
 
     def get_asd_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
-                     t_plus: int | None = None, weighting: str | None = None, asd_ratio: float = 0.1) -> torch.Tensor:
+                     t_plus: int | None = None, weighting: str = "dreamfusion", asd_ratio: float = 0.1) -> torch.Tensor:
         """Return the ASD loss; its gradient is grad_scale * w(t) * (eps_cfg_s(x_t, t) - eps_c(x_{t+d}, t + d)).
 
         Asynchronous Score Distillation (Ma et al., ECCV 2024): the same eps noises x at t and at t + d
@@ -206,12 +207,12 @@ class ScoreDistillation(DistillationCore):
             eps_uncond, eps_cond, eps_cond_plus = self.predict_eps(
                 torch.cat([x_t, x_t, x_t_plus]), timesteps, torch.cat([uncond, cond, cond])).chunk(3)
             eps_hat = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        grad = grad_scale * self._weight(t, weighting) * (eps_hat - eps_cond_plus)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (eps_hat - eps_cond_plus)
         return self._record(latents, grad, t, x_t, eps_hat)
 
     def get_ism_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, delta_t: int = 80, delta_s: int = 200,
-                     inversion_steps: int = 5, weighting: str | None = None) -> torch.Tensor:
+                     inversion_steps: int = 5, weighting: str = "sigma_over_alpha") -> torch.Tensor:
         """Return the ISM loss; its gradient is grad_scale * w(t) * (eps_cfg_s(x_t, t; y) - e_s).
 
         Interval Score Matching (LucidDreamer, Liang et al., CVPR 2024, eq. 17): s = max(0, t - delta_t);
@@ -228,12 +229,12 @@ class ScoreDistillation(DistillationCore):
             e_s = self.predict_eps(x_s, s, null.to(self.dtype))
             x_t = self.schedule.ddim_step(x_s, e_s, s, t)
             eps_hat = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
-        grad = grad_scale * self._weight(t, weighting) * (eps_hat - e_s)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (eps_hat - e_s)
         return self._record(latents, grad, t, x_t, eps_hat)
 
     def get_sdi_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, inversion_steps: int = 10,
-                     weighting: str | None = None, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+                     weighting: str = "sigma_over_alpha", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Return the SDI loss; its gradient is grad_scale * w(t) * (eps_cfg_s(x_t, t) - kappa).
 
         Score Distillation via Inversion (Lukoianov et al., NeurIPS 2024, eq. 9): x_t = DDIM inversion of x to t
@@ -251,7 +252,7 @@ class ScoreDistillation(DistillationCore):
                 kappa = math.sqrt(1 - eta**2) * kappa + eta * self._noise_like(latents, noise)
                 x_t = self.schedule.add_noise(x, kappa, t)
             eps_hat = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
-        grad = grad_scale * self._weight(t, weighting) * (eps_hat - kappa)
+        grad = grad_scale * self.schedule.weight(t, weighting) * (eps_hat - kappa)
         return self._record(latents, grad, t, x_t, eps_hat)
 
 

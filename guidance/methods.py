@@ -14,19 +14,30 @@ BRIDGE_SRC_MODIFIER = (", oversaturated, smooth, pixelated, cartoon, foggy, hazy
                        "malformed")
 BRIDGE_TGT_MODIFIER = ", detailed high resolution, high quality, sharp"
 
-# Method-specific flags of main.py: dest -> (type, help). Their defaults are per method (Method.options); a flag
-# given to a method that does not own it is an error.
+@dataclass(frozen=True)
+class Option:
+    """A method-specific main.py flag: its type, its help, and the loss keyword it sets (None: read by a step)."""
+
+    kind: type
+    help: str
+    keyword: str | None = None
+
+
+# Method-specific flags of main.py. Their defaults are per method (Method.options); a flag given to a method that does
+# not own it is an error.
 OPTION_FLAGS = {
-    "bridge_start": (float, "bridge: fraction of the steps run as plain SDS before the bridge starts (default 0.5)"),
-    "bridge_src_modifier": (str, "bridge: text appended to the prompt for the current image's distribution"),
-    "bridge_tgt_modifier": (str, "bridge: text appended to the prompt for the target distribution"),
-    "asd_ratio": (float, "asd: eta, the largest timestep shift d as a fraction of t - min_step (default 0.1)"),
-    "inversion_steps": (int, "ism / sdi: DDIM inversion steps (default ism 5, sdi 10)"),
-    "ism_delta_t": (int, "ism: interval delta_t between the inverted s and t (default 80)"),
-    "ism_delta_s": (int, "ism: timesteps per inversion step delta_s (default 200)"),
-    "ddim_steps": (int, "ddim: DDIM sampling steps (default 50)"),
-    "sdi_eta": (float, "sdi: fraction of fresh noise blended into the inverted noise kappa (0: the paper's "
-                       "deterministic inversion; 1: SDS)"),
+    "bridge_start": Option(float, "bridge: fraction of the steps run as plain SDS before the bridge starts "
+                                  "(default 0.5)"),
+    "bridge_src_modifier": Option(str, "bridge: text appended to the prompt for the current image's distribution"),
+    "bridge_tgt_modifier": Option(str, "bridge: text appended to the prompt for the target distribution"),
+    "asd_ratio": Option(float, "asd: eta, the largest timestep shift d as a fraction of t - min_step (default 0.1)",
+                        "asd_ratio"),
+    "inversion_steps": Option(int, "ism / sdi: DDIM inversion steps (default ism 5, sdi 10)", "inversion_steps"),
+    "ism_delta_t": Option(int, "ism: interval delta_t between the inverted s and t (default 80)", "delta_t"),
+    "ism_delta_s": Option(int, "ism: timesteps per inversion step delta_s (default 200)", "delta_s"),
+    "ddim_steps": Option(int, "ddim: DDIM sampling steps (default 50)"),
+    "sdi_eta": Option(float, "sdi: fraction of fresh noise blended into the inverted noise kappa (0: the paper's "
+                             "deterministic inversion; 1: SDS)", "eta"),
 }
 
 
@@ -35,7 +46,7 @@ class StepContext:
     """What a method's step needs besides the latents: the run's settings, embeddings and source (built once per run)."""
 
     model: object
-    args: object
+    config: object  # the run's settings (main.py's RunConfig)
     text_embeddings: torch.Tensor  # cat[uncond (the negative prompt), cond (the prompt)]
     edit_embeddings: torch.Tensor | None = None  # cat[uncond, edit prompt] for editing methods
     src_latents: torch.Tensor | None = None  # the source image's latents for editing methods
@@ -50,7 +61,7 @@ class StepContext:
 
 @dataclass(frozen=True)
 class Method:
-    """One distillation method: its paper, main.py defaults, what it needs, its cost and its step."""
+    """One distillation method: its paper, main.py defaults, what it needs, its cost, and the loss that is its step."""
 
     name: str
     title: str
@@ -58,21 +69,42 @@ class Method:
     gradient: str  # the gradient w.r.t. the latents, in the notation of guidance/losses.py
     guidance_scale: float
     steps: int
-    weighting: str  # the paper's w(t), used when --weighting is not given
-    step: Callable  # (model, StepContext, latents, t, step_index, total_steps) -> loss
+    weighting: str  # the paper's w(t), used when --weighting is not given (and the loss's own default)
     unet_rows: str  # UNet batch rows per step (B: latents optimised together)
+    loss: str | None = None  # the model's loss method, e.g. "get_sds_loss" (None: a sampler)
+    # What the loss is called with: "prompt" (x, cat[u, prompt]), "edit" (x, cat[u, edit prompt]) or
+    # "pair" (source, x, cat[u, prompt], cat[u, edit prompt]).
+    conditioning: str = "prompt"
     edits: bool = False  # needs --edit_prompt and --src_img_path; the result is named after the edit prompt
     t_schedule: str = "random"
     t_range: tuple = DEFAULT_T_RANGE
     options: dict = field(default_factory=dict)  # method-specific flags (OPTION_FLAGS) and their defaults
     lora: bool = False  # trains a LoRA (VSD)
-    loss_name: str = ""  # the model method that computes it, e.g. get_sds_loss
+    step: Callable | None = None  # a step that is more than one loss call: (method, model, context, x, t, i) -> loss
     sampler: Callable | None = None  # (model, StepContext, x_T) -> latents: a sampler, not a loss (no optimisation)
-    extra_prompts: Callable | None = None  # (args) -> the prompts a run encodes besides negative, prompt and edit
+    extra_prompts: Callable | None = None  # (config) -> the prompts a run encodes besides negative, prompt and edit
+
+    def compute_loss(self, model, context: StepContext, latents: torch.Tensor, t: int, step: int) -> torch.Tensor:
+        """Return this step's loss: the method's own step function, or one call of its loss."""
+        if self.step is not None:
+            return self.step(self, model, context, latents, t, step)
+        return call_loss(self, model, context, latents, t)
 
 
-def _common(c: StepContext, t: int) -> dict:
-    return dict(guidance_scale=c.args.guidance_scale, t=t, weighting=c.args.weighting)
+def call_loss(method: Method, model, context: StepContext, latents: torch.Tensor, t: int, loss: str | None = None,
+              text_embeddings: torch.Tensor | None = None, **keywords) -> torch.Tensor:
+    """Return one call of the method's loss (or `loss`) on the latents with the run's guidance, weighting and options."""
+    config = context.config
+    keywords = dict(guidance_scale=config.guidance_scale, t=t, weighting=config.weighting, **keywords)
+    for dest in method.options:
+        if OPTION_FLAGS[dest].keyword is not None:
+            keywords[OPTION_FLAGS[dest].keyword] = getattr(config, dest)
+    loss_fn = getattr(model, loss or method.loss)
+    if method.conditioning == "pair":
+        return loss_fn(context.src_latents, latents, context.text_embeddings, context.edit_embeddings, **keywords)
+    if text_embeddings is None:
+        text_embeddings = context.edit_embeddings if method.conditioning == "edit" else context.text_embeddings
+    return loss_fn(latents, text_embeddings, **keywords)
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -85,112 +117,105 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [round((num_train_timesteps - 1) * (1 - k / steps)) for k in range(steps)] + [0]
 
 
-def _ddim_sample(m, c: StepContext, x_T):
-    """The model's own deterministic DDIM sample (eta 0) of the prompt, CFG at the run's guidance scale."""
-    steps = ddim_timesteps(m.schedule.num_train_timesteps, c.args.ddim_steps)
-    return m.ddim_sample(x_T, steps, c.text_embeddings, c.args.guidance_scale)
+def ddim_sample(model, context: StepContext, x_T: torch.Tensor) -> torch.Tensor:
+    """Return the model's own deterministic DDIM sample (eta 0) of the prompt, CFG at the run's guidance scale."""
+    steps = ddim_timesteps(model.schedule.num_train_timesteps, context.config.ddim_steps)
+    return model.ddim_sample(x_T, steps, context.text_embeddings, context.config.guidance_scale)
 
 
-def _null_prompt(args) -> list[str]:
-    return [""]  # eps_null's condition (ScoreDistillation.null_embedding)
+def null_prompt(config) -> list[str]:
+    """Return the empty prompt: eps_null's condition (ScoreDistillation.null_embedding)."""
+    return [""]
 
 
-def _bridge_prompts(args) -> list[str]:
+def bridge_prompts(config) -> list[str]:
     """Return the bridge's two prompts: the current image's distribution's and the target's."""
-    return [args.prompt + args.bridge_src_modifier, args.prompt + args.bridge_tgt_modifier]
+    return [config.prompt + config.bridge_src_modifier, config.prompt + config.bridge_tgt_modifier]
 
 
-def run_prompts(args) -> list[str]:
-    """Return every prompt a run of args encodes, so that a model can encode them all, then free its text encoders."""
-    method = METHODS[args.loss_type]
-    prompts = [args.negative_prompt, args.prompt] + ([args.edit_prompt] if method.edits else [])
-    return prompts + (method.extra_prompts(args) if method.extra_prompts else [])
+def run_prompts(config) -> list[str]:
+    """Return every prompt a run encodes, so that a model can encode them all, then free its text encoders."""
+    method = METHODS[config.loss_type]
+    prompts = [config.negative_prompt, config.prompt] + ([config.edit_prompt] if method.edits else [])
+    return prompts + (method.extra_prompts(config) if method.extra_prompts else [])
 
 
-def _bridge_step(m, c: StepContext, x, t, i, n):
-    """SDS for the first bridge_start of the steps, then the bridge between the two modified prompts."""
-    if i < round(c.args.bridge_start * n):
-        return m.get_sds_loss(x, c.text_embeddings, **_common(c, t))
-    if "bridge" not in c.extra:
-        c.extra["bridge"] = torch.cat([c.embeds(prompt) for prompt in _bridge_prompts(c.args)])
-    return m.get_bridge_loss(x, c.extra["bridge"], **_common(c, t))
+def bridge_step(method: Method, model, context: StepContext, latents, t: int, step: int) -> torch.Tensor:
+    """Return SDS's loss for the first bridge_start of the steps, then the bridge's between the two modified prompts."""
+    config = context.config
+    if step < round(config.bridge_start * config.step):
+        return call_loss(method, model, context, latents, t, loss="get_sds_loss")
+    if "bridge" not in context.extra:
+        context.extra["bridge"] = torch.cat([context.embeds(prompt) for prompt in bridge_prompts(config)])
+    return call_loss(method, model, context, latents, t, text_embeddings=context.extra["bridge"])
+
+
+def asd_step(method: Method, model, context: StepContext, latents, t: int, step: int) -> torch.Tensor:
+    """Return ASD's loss with its shifted timestep t + d drawn over the run's t range."""
+    t_plus = model.asd_t_plus(t, context.config.asd_ratio, min_step=context.min_step)
+    return call_loss(method, model, context, latents, t, t_plus=t_plus)
 
 
 METHODS = {m.name: m for m in (
-    Method("sds", "Score Distillation Sampling", "DreamFusion, Poole et al., ICLR 2023, eq. 3",
-           "w(t) (eps_cfg_s(x_t) - eps)", 25.0, 500, "uniform",
-           lambda m, c, x, t, i, n: m.get_sds_loss(x, c.text_embeddings, **_common(c, t)), "2B",
-           loss_name="get_sds_loss"),
-    Method("pds", "Posterior Distillation Sampling", "Koo et al., CVPR 2024, eq. 9",
-           "z_tgt - z_src, z = (x_{t-1} - mu(x_t, x0_hat)) / std_t, shared noises", 7.5, 200, "uniform",
-           lambda m, c, x, t, i, n: m.get_pds_loss(c.src_latents, x, c.text_embeddings, c.edit_embeddings,
-                                                   **_common(c, t)), "4", edits=True, loss_name="get_pds_loss"),
-    Method("vsd", "Variational Score Distillation", "ProlificDreamer, Wang et al., NeurIPS 2023, eq. 9-10",
-           "w(t) (eps_cfg_s(x_t) - eps_phi(x_t; y)), eps_phi a LoRA trained on the particles", 7.5, 500, "uniform",
-           lambda m, c, x, t, i, n: m.get_vsd_loss(x, c.text_embeddings, **_common(c, t)),
-           "2B + B (LoRA) + LoRA training step", lora=True, loss_name="get_vsd_loss"),
-    Method("nfsd", "Noise-Free Score Distillation", "Katzir et al., ICLR 2024, eq. 6-7",
-           "w(t) (s (eps_c - eps_null) + delta_D), delta_D = eps_null (t < 200) or eps_null - eps_neg", 7.5, 500,
-           "dreamfusion", lambda m, c, x, t, i, n: m.get_nfsd_loss(x, c.text_embeddings, **_common(c, t)), "3B",
-           loss_name="get_nfsd_loss", extra_prompts=_null_prompt),
-    Method("csd", "Classifier Score Distillation", "Yu et al., ICLR 2024, eq. 7",
-           "w(t) s (eps_c - eps_u)", 7.5, 500, "dreamfusion",
-           lambda m, c, x, t, i, n: m.get_csd_loss(x, c.text_embeddings, **_common(c, t)), "2B",
-           loss_name="get_csd_loss"),
-    Method("dds", "Delta Denoising Score", "Hertz et al., ICCV 2023, eq. 5",
-           "w(t) (eps_cfg_s(z_t; y_tgt) - eps_cfg_s(zhat_t; y_src)), one eps and one t", 7.5, 200, "uniform",
-           lambda m, c, x, t, i, n: m.get_dds_loss(c.src_latents, x, c.text_embeddings, c.edit_embeddings,
-                                                   **_common(c, t)), "4", edits=True, t_range=(0.05, 0.95),
-           loss_name="get_dds_loss"),
-    Method("bridge", "SDS-Bridge", "McAllister et al., NeurIPS 2024 (2D)",
-           "w(t) s (eps(x_t; y + tgt_modifier) - eps(x_t; y + src_modifier)), after bridge_start of SDS", 40.0, 500,
-           "dreamfusion", _bridge_step, "2B",
+    Method(name="sds", title="Score Distillation Sampling", paper="DreamFusion, Poole et al., ICLR 2023, eq. 3",
+           gradient="w(t) (eps_cfg_s(x_t) - eps)", guidance_scale=25.0, steps=500, weighting="uniform",
+           unet_rows="2B", loss="get_sds_loss"),
+    Method(name="pds", title="Posterior Distillation Sampling", paper="Koo et al., CVPR 2024, eq. 9",
+           gradient="z_tgt - z_src, z = (x_{t-1} - mu(x_t, x0_hat)) / std_t, shared noises", guidance_scale=7.5,
+           steps=200, weighting="uniform", unet_rows="4", loss="get_pds_loss", conditioning="pair", edits=True),
+    Method(name="vsd", title="Variational Score Distillation",
+           paper="ProlificDreamer, Wang et al., NeurIPS 2023, eq. 9-10",
+           gradient="w(t) (eps_cfg_s(x_t) - eps_phi(x_t; y)), eps_phi a LoRA trained on the particles",
+           guidance_scale=7.5, steps=500, weighting="uniform", unet_rows="2B + B (LoRA) + LoRA training step",
+           loss="get_vsd_loss", lora=True),
+    Method(name="nfsd", title="Noise-Free Score Distillation", paper="Katzir et al., ICLR 2024, eq. 6-7",
+           gradient="w(t) (s (eps_c - eps_null) + delta_D), delta_D = eps_null (t < 200) or eps_null - eps_neg",
+           guidance_scale=7.5, steps=500, weighting="dreamfusion", unet_rows="3B", loss="get_nfsd_loss",
+           extra_prompts=null_prompt),
+    Method(name="csd", title="Classifier Score Distillation", paper="Yu et al., ICLR 2024, eq. 7",
+           gradient="w(t) s (eps_c - eps_u)", guidance_scale=7.5, steps=500, weighting="dreamfusion", unet_rows="2B",
+           loss="get_csd_loss"),
+    Method(name="dds", title="Delta Denoising Score", paper="Hertz et al., ICCV 2023, eq. 5",
+           gradient="w(t) (eps_cfg_s(z_t; y_tgt) - eps_cfg_s(zhat_t; y_src)), one eps and one t",
+           guidance_scale=7.5, steps=200, weighting="uniform", unet_rows="4", loss="get_dds_loss",
+           conditioning="pair", edits=True, t_range=(0.05, 0.95)),
+    Method(name="bridge", title="SDS-Bridge", paper="McAllister et al., NeurIPS 2024 (2D)",
+           gradient="w(t) s (eps(x_t; y + tgt_modifier) - eps(x_t; y + src_modifier)), after bridge_start of SDS",
+           guidance_scale=40.0, steps=500, weighting="dreamfusion", unet_rows="2B", loss="get_bridge_loss",
+           step=bridge_step, extra_prompts=bridge_prompts,
            options={"bridge_start": 0.5, "bridge_src_modifier": BRIDGE_SRC_MODIFIER,
-                    "bridge_tgt_modifier": BRIDGE_TGT_MODIFIER}, loss_name="get_bridge_loss",
-           extra_prompts=_bridge_prompts),
-    Method("asd", "Asynchronous Score Distillation", "Ma et al., ECCV 2024",
-           "w(t) (eps_cfg_s(x_t, t) - eps_c(x_{t+d}, t + d)), the same eps", 7.5, 500, "dreamfusion",
-           lambda m, c, x, t, i, n: m.get_asd_loss(x, c.text_embeddings, asd_ratio=c.args.asd_ratio,
-                                                   t_plus=m.asd_t_plus(t, c.args.asd_ratio, min_step=c.min_step),
-                                                   **_common(c, t)), "3B", options={"asd_ratio": 0.1},
-           loss_name="get_asd_loss"),
-    Method("ism", "Interval Score Matching", "LucidDreamer, Liang et al., CVPR 2024, eq. 17",
-           "w(t) (eps_cfg_s(x_t, t) - e_s), x_s by DDIM inversion to s = t - delta_t, x_t one DDIM step on",
-           7.5, 500, "sigma_over_alpha",
-           lambda m, c, x, t, i, n: m.get_ism_loss(x, c.text_embeddings, delta_t=c.args.ism_delta_t,
-                                                   delta_s=c.args.ism_delta_s,
-                                                   inversion_steps=c.args.inversion_steps, **_common(c, t)),
-           "B x n_s (inversion) + B + 2B", t_schedule="anneal",
-           options={"inversion_steps": 5, "ism_delta_t": 80, "ism_delta_s": 200}, loss_name="get_ism_loss",
-           extra_prompts=_null_prompt),
-    Method("sdi", "Score Distillation via Inversion", "Lukoianov et al., NeurIPS 2024, eq. 9",
-           "w(t) (eps_cfg_s(x_t) - kappa), x_t by DDIM inversion, kappa = (x_t - alpha_t x) / sigma_t", 7.5, 500,
-           "sigma_over_alpha",
-           lambda m, c, x, t, i, n: m.get_sdi_loss(x, c.text_embeddings, inversion_steps=c.args.inversion_steps,
-                                                   eta=c.args.sdi_eta, **_common(c, t)),
-           "B x inversion_steps + 2B", t_schedule="linear", options={"inversion_steps": 10, "sdi_eta": 0.0},
-           loss_name="get_sdi_loss", extra_prompts=_null_prompt),
+                    "bridge_tgt_modifier": BRIDGE_TGT_MODIFIER}),
+    Method(name="asd", title="Asynchronous Score Distillation", paper="Ma et al., ECCV 2024",
+           gradient="w(t) (eps_cfg_s(x_t, t) - eps_c(x_{t+d}, t + d)), the same eps", guidance_scale=7.5, steps=500,
+           weighting="dreamfusion", unet_rows="3B", loss="get_asd_loss", step=asd_step, options={"asd_ratio": 0.1}),
+    Method(name="ism", title="Interval Score Matching", paper="LucidDreamer, Liang et al., CVPR 2024, eq. 17",
+           gradient="w(t) (eps_cfg_s(x_t, t) - e_s), x_s by DDIM inversion to s = t - delta_t, x_t one DDIM step on",
+           guidance_scale=7.5, steps=500, weighting="sigma_over_alpha", unet_rows="B x n_s (inversion) + B + 2B",
+           loss="get_ism_loss", t_schedule="anneal", extra_prompts=null_prompt,
+           options={"inversion_steps": 5, "ism_delta_t": 80, "ism_delta_s": 200}),
+    Method(name="sdi", title="Score Distillation via Inversion", paper="Lukoianov et al., NeurIPS 2024, eq. 9",
+           gradient="w(t) (eps_cfg_s(x_t) - kappa), x_t by DDIM inversion, kappa = (x_t - alpha_t x) / sigma_t",
+           guidance_scale=7.5, steps=500, weighting="sigma_over_alpha", unet_rows="B x inversion_steps + 2B",
+           loss="get_sdi_loss", t_schedule="linear", extra_prompts=null_prompt,
+           options={"inversion_steps": 10, "sdi_eta": 0.0}),
+    # Baselines a comparison needs beside the losses: the model's own samples, and SDS started from the source.
+    Method(name="ddim", title="DDIM sampling (the reference)", paper="Song et al., ICLR 2021, eq. 12 with eta = 0",
+           gradient="none: x_{t'} = alpha_{t'} x0_hat(x_t) + sigma_{t'} eps_cfg_s(x_t), from x_T ~ N(0, I)",
+           guidance_scale=7.5, steps=50, weighting="uniform", unet_rows="2B per sampling step",
+           options={"ddim_steps": 50}, sampler=ddim_sample),
+    Method(name="sds_edit", title="SDS from the source (editing baseline)",
+           paper="the baseline of the PDS and DDS papers",
+           gradient="w(t) (eps_cfg_s(x_t; y_edit) - eps), x starting at the source", guidance_scale=7.5, steps=200,
+           weighting="uniform", unet_rows="2B", loss="get_sds_loss", conditioning="edit", edits=True),
 )}
-# Baselines a comparison needs beside the losses: the model's own samples, and SDS started from the source.
-METHODS.update({m.name: m for m in (
-    Method("ddim", "DDIM sampling (the reference)", "Song et al., ICLR 2021, eq. 12 with eta = 0",
-           "none: x_{t'} = alpha_{t'} x0_hat(x_t) + sigma_{t'} eps_cfg_s(x_t), from x_T ~ N(0, I)", 7.5, 50,
-           "uniform", None, "2B per sampling step", options={"ddim_steps": 50}, sampler=_ddim_sample),
-    Method("sds_edit", "SDS from the source (editing baseline)", "the baseline of the PDS and DDS papers",
-           "w(t) (eps_cfg_s(x_t; y_edit) - eps), x starting at the source", 7.5, 200, "uniform",
-           lambda m, c, x, t, i, n: m.get_sds_loss(x, c.edit_embeddings, **_common(c, t)), "2B", edits=True,
-           loss_name="get_sds_loss"),
-)})
 LOSS_TYPES = tuple(METHODS)
-GENERATION_METHODS = tuple(name for name, m in METHODS.items() if not m.edits)
-EDITING_METHODS = tuple(name for name, m in METHODS.items() if m.edits)
 
 
 def method_help() -> str:
     """Return a few lines per method for --help: name, title, paper, gradient, defaults."""
     lines = []
     for m in METHODS.values():
-        lines.append(f"  {m.name:7s}{m.title} ({m.paper}): grad = {m.gradient}; guidance {m.guidance_scale:g}, "
+        lines.append(f"  {m.name:<9}{m.title} ({m.paper}): grad = {m.gradient}; guidance {m.guidance_scale:g}, "
                      f"{m.steps} steps, w(t) {m.weighting}, t {m.t_schedule} in [{m.t_range[0]:g}, {m.t_range[1]:g}], "
-                     f"UNet rows/step {m.unet_rows}")
+                     f"UNet rows/step {m.unet_rows}.")
     return "\n".join(lines)

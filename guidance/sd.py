@@ -80,17 +80,16 @@ class StableDiffusion(ScoreDistillation):
         return instance
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, precision=torch.float32, t_range=(0.02, 0.98),
-                 weighting: str = "uniform", lora_rank: int = 4, lora_lr: float = 1e-4,
+                 lora_rank: int = 4, lora_lr: float = 1e-4,
                  vsd_lora_timestep: str = "fresh", channels_last="auto", compile: bool = False,
                  cuda_graphs="auto", no_t5: bool = False, cpu_offload: bool = False,
                  lora_checkpointing: bool = False):
         if isinstance(model, argparse.Namespace):  # the course skeleton's StableDiffusion(args, t_range=...)
             args = model
             model, device, precision = getattr(args, "model", DEFAULT_MODEL), args.device, args.precision
-            weighting = getattr(args, "weighting", weighting)
             no_t5, cpu_offload = getattr(args, "no_t5", no_t5), getattr(args, "cpu_offload", cpu_offload)
             lora_checkpointing = getattr(args, "lora_checkpointing", lora_checkpointing)
-        self._setup_distillation(t_range, weighting, lora_rank, lora_lr, vsd_lora_timestep)
+        self._setup_distillation(t_range, lora_rank, lora_lr, vsd_lora_timestep)
         self.lora_checkpointing = bool(lora_checkpointing)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision)

@@ -274,10 +274,9 @@ class ToyDiffusion(ScoreDistillation):
     size_multiple = SIZE
     model_name = "toy"
 
-    def __init__(self, device=None, precision=torch.float32, t_range=(0.02, 0.98), weighting="uniform",
-                 lora_rank=4, lora_lr=DEFAULT_LORA_LR, vsd_lora_timestep="fresh", channels_last=False,
+    def __init__(self, device=None, precision=torch.float32, t_range=(0.02, 0.98), lora_rank=4, lora_lr=DEFAULT_LORA_LR, vsd_lora_timestep="fresh", channels_last=False,
                  compile=False, cuda_graphs="auto"):
-        self._setup_distillation(t_range, weighting, lora_rank, lora_lr, vsd_lora_timestep)
+        self._setup_distillation(t_range, lora_rank, lora_lr, vsd_lora_timestep)
         if cuda_graphs in ("on", True):
             raise UserError("--cuda_graphs on is for Stable Diffusion: the toy world runs eagerly (its tensors are "
                             "tiny); use --cuda_graphs auto or off")

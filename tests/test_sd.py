@@ -30,13 +30,10 @@ def test_schedule_matches_diffusers(tiny_sd_dir):
 @pytest.mark.parametrize("weighting,grad_scale,scale,t", [("uniform", 1.0, 25.0, 500), ("dreamfusion", 2.5, 100.0, 37)])
 def test_sds_gradient_is_eps_hat_minus_noise(sd64, reference, embeddings, weighting, grad_scale, scale, t):
     scheduler, unet = reference
-    sd64.weighting = weighting
-    try:
-        x = randn(*sd64.latent_shape()).requires_grad_(True)
-        noise = torch.randn_like(x)
-        sd64.get_sds_loss(x, embeddings[0], guidance_scale=scale, grad_scale=grad_scale, t=t, noise=noise).backward()
-    finally:
-        sd64.weighting = "uniform"
+    x = randn(*sd64.latent_shape()).requires_grad_(True)
+    noise = torch.randn_like(x)
+    sd64.get_sds_loss(x, embeddings[0], guidance_scale=scale, grad_scale=grad_scale, t=t, noise=noise,
+                      weighting=weighting).backward()
     x_t = scheduler.add_noise(x.detach(), noise, t)
     w = 1.0 if weighting == "uniform" else 1.0 - scheduler.alphas_cumprod[t].item()
     expected = grad_scale * w * (cfg_reference(unet, x_t, t, embeddings[0], scale) - noise)

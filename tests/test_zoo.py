@@ -300,7 +300,7 @@ def test_each_loss_makes_the_unet_calls_it_must_and_no_more(tiny_sd, embeddings,
         elif name == "sdi":
             tiny_sd.get_sdi_loss(x, emb, t=500, inversion_steps=4)
         else:
-            getattr(tiny_sd, METHODS[name].loss_name)(x, emb, t=500)
+            getattr(tiny_sd, METHODS[name].loss)(x, emb, t=500)
     finally:
         handle.remove()
     expected = [(4, {500})] if name == "dds" else EXPECTED_CALLS[name](500)
@@ -354,3 +354,18 @@ def test_paper_defaults_fill_in_and_explicit_flags_win(tmp_path):
     assert dds.t_range == [0.05, 0.95] and dds.step == 200
     sds = main.parse_args(base + ["--loss_type", "sds"])
     assert (sds.weighting, sds.guidance_scale, sds.step, sds.asd_ratio) == ("uniform", 25.0, 500, None)
+
+
+def test_each_loss_defaults_to_its_papers_weighting_as_the_table_says():
+    """One source of truth: a loss called without `weighting` uses the weighting its table row names (a model-level
+    setting, or a loss defaulting to uniform while the table says dreamfusion, fails)."""
+    import inspect
+
+    from guidance.losses import ScoreDistillation
+
+    for name, method in METHODS.items():
+        if method.loss is None:
+            continue
+        default = inspect.signature(getattr(ScoreDistillation, method.loss)).parameters["weighting"].default
+        expected = "uniform" if name == "sds_edit" else method.weighting  # sds_edit calls SDS's loss
+        assert default == expected, name
