@@ -8,7 +8,7 @@ the current image; a finished run offers its PNG and its run folder as a zip. Co
 the same prompt and seed, one after another, and shows them side by side as they progress. "Show what the
 guidance sees" adds main.py's --log_guidance panel (x, x_t, x0_hat, |grad|; guidance/diagnostics.py). Every run goes
 through main.run (the project's one optimisation loop) on one model that the app loads once and reuses; runs
-queue, one at a time. Errors in what was asked (main.validate_args, the toy world's prompt parser) show in the
+queue, one at a time. Errors in what was asked (RunConfig.resolved, the toy world's prompt parser) show in the
 page as the CLI's one-line message.
 
 Stable names for scripts and tests: elements with elem_id prompt, edit_prompt, source, method, model, guidance,
@@ -40,9 +40,9 @@ PREVIEW_SECONDS = 0.25  # at most this often a live preview goes to the page
 LOSS_POINTS = 400  # the loss curve is drawn from at most this many points
 LOSS_AXIS = "log10 loss"
 MAX_COMPARE = 4
-TOY_PROMPT, TOY_EDIT, TOY_SOURCE = "a red circle", "a blue circle", REPO / "data" / "toy_imgs" / "a_red_circle.png"
-SD_PROMPT, SD_EDIT = "A castle next to a river", "A rainbow castle next to a river"
-SD_SOURCE = REPO / "data" / "imgs" / "A_castle_next_to_a_river.png"
+# The example a Stable Diffusion page starts with (a toy world's page starts with its world's own example).
+SD_EXAMPLE = ("A castle next to a river", "A rainbow castle next to a river",
+              REPO / "data" / "imgs" / "A_castle_next_to_a_river.png")
 # The toy's 64x64 images, shown large with their pixels sharp (the files stay at their own size).
 CSS = """
 #result img { width: 100%; height: 100%; object-fit: contain; }
@@ -52,22 +52,18 @@ CSS = """
 
 # ----------------------------------------------------------------------------------------------- what main.py offers
 def loss_types() -> list[str]:
-    """Return the choices of main.py's --loss_type (so that every method main.py knows appears here)."""
-    import main
+    """Return every method of the table (main.py's --loss_type choices)."""
+    from guidance.methods import LOSS_TYPES
 
-    return list(_parser_action(main.build_parser(), "loss_type").choices)
-
-
-def generator_choices() -> tuple[list[str], str] | None:
-    """Return (the choices of main.py's --generator, its default), or None while main.py has no such flag."""
-    import main
-
-    action = _parser_action(main.build_parser(), "generator")
-    return (list(action.choices), action.default) if action is not None and action.choices else None
+    return list(LOSS_TYPES)
 
 
-def _parser_action(parser: argparse.ArgumentParser, dest: str):
-    return next((a for a in parser._actions if a.dest == dest), None)
+def generator_choices() -> tuple[list[str], str]:
+    """Return (the generators main.py's --generator offers, the default one)."""
+    from guidance.config import RunConfig
+    from guidance.generators import GENERATORS
+
+    return list(GENERATORS), RunConfig.generator
 
 
 def method_info(method: str):
@@ -78,12 +74,21 @@ def method_info(method: str):
 
 
 def default_model() -> str:
-    """Return the app's default model: the toy world without CUDA, Stable Diffusion with it."""
+    """Return the app's default model: the 2D toy world without CUDA, Stable Diffusion with it."""
     import torch
 
-    from guidance.sd import DEFAULT_MODEL
+    from guidance.models import DEFAULT_MODEL
+    from guidance.toy import ToyDiffusion
 
-    return DEFAULT_MODEL if torch.cuda.is_available() else "toy"
+    return DEFAULT_MODEL if torch.cuda.is_available() else ToyDiffusion.name
+
+
+def example_for(model: str) -> tuple[str, str, Path]:
+    """Return (prompt, edit prompt, source image) the page starts with for a model: a toy world's own example."""
+    from guidance.models import world
+
+    found = world(model)
+    return found.example if found is not None else SD_EXAMPLE
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -105,34 +110,28 @@ class Runner:
 
     # -- arguments and model
     def make_args(self, prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
-                  generator=None, log_guidance=True, save_dir=None) -> argparse.Namespace:
-        """Return main.py's validated arguments for one run (UserError for anything main.py would refuse)."""
-        import main
+                  generator=None, log_guidance=True, save_dir=None):
+        """Return the resolved run configuration of one run (UserError for anything main.py would refuse)."""
+        from guidance.config import RunConfig
         from utils import UserError
 
         methods = loss_types()
         if method not in methods:
             raise UserError(f"unknown method {method!r}: choose one of {', '.join(methods)}")
-        parser = main.build_parser()
-        args = parser.parse_args(["--prompt", "unused"])
-        args.prompt = prompt or ""
-        args.loss_type = method
-        args.model = (model or "").strip() or default_model()
-        if self.models is not None and args.model not in self.models:
-            raise UserError(f"model {args.model!r} is not offered by this server: choose one of "
-                            f"{', '.join(self.models)}")
-        args.step = None if steps in (None, "") else _whole(steps, "steps")
-        args.seed = 0 if seed in (None, "") else _whole(seed, "seed")
-        args.guidance_scale = None if guidance is None or not str(guidance).strip() else _number(guidance, "guidance")
-        if method_info(method).edits:
-            args.edit_prompt = edit_prompt or None
-            args.src_img_path = source or None
-        if generator and _parser_action(parser, "generator") is not None:
-            args.generator = generator
-        args.device, args.precision = self.device, self.precision
-        args.log_guidance, args.tensorboard = bool(log_guidance) and args.log_step > 0, self.tensorboard
-        args.save_dir = str(save_dir or self.new_save_dir())
-        return main.validate_args(args)
+        model = (model or "").strip() or default_model()
+        if self.models is not None and model not in self.models:
+            raise UserError(f"model {model!r} is not offered by this server: choose one of {', '.join(self.models)}")
+        edits = method_info(method).edits
+        config = RunConfig(
+            prompt=prompt or "", loss_type=method, model=model,
+            step=None if steps in (None, "") else _whole(steps, "steps"),
+            seed=0 if seed in (None, "") else _whole(seed, "seed"),
+            guidance_scale=None if guidance is None or not str(guidance).strip() else _number(guidance, "guidance"),
+            edit_prompt=(edit_prompt or None) if edits else None, src_img_path=(source or None) if edits else None,
+            generator=generator or RunConfig.generator, device=self.device, precision=self.precision,
+            tensorboard=self.tensorboard, save_dir=str(save_dir or self.new_save_dir()))
+        config.log_guidance = bool(log_guidance) and config.log_step > 0
+        return config.resolved()
 
     def new_save_dir(self, suffix: str = "") -> Path:
         """Return a fresh folder under the app's output root for one run (or one comparison)."""
@@ -140,14 +139,14 @@ class Runner:
             self.counter += 1
             return self.save_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.counter:03d}{suffix}"
 
-    def get_model(self, args: argparse.Namespace):
-        """Return the loaded model args name, loading it only when it differs from the one held."""
+    def get_model(self, config):
+        """Return the loaded model the run configuration names, loading it only when it differs from the one held."""
         import main
 
-        if self.model is None or self.model_name != args.model:
+        if self.model is None or self.model_name != config.model:
             self.model, self.model_name = None, None  # free the old one first (SD is several GB)
-            self.model = main.build_model(args)
-            self.model_name = args.model
+            self.model = main.build_model(config)
+            self.model_name = config.model
         return self.model
 
     # -- stop
@@ -165,7 +164,7 @@ class Runner:
             flag.set()
 
     # -- one run, as a stream of events
-    def stream(self, args: argparse.Namespace, session: str):
+    def stream(self, args, session: str):
         """Yield ('progress', step, total, t, losses, image) in a run, then ('done', result) or ('error', text)."""
         import main
         from utils import torch_to_pil
@@ -270,11 +269,9 @@ def result_text(result) -> str:
             f"{result.image_path}. Try a lower guidance scale.")
 
 
-def newest_panel(args: argparse.Namespace) -> str | None:
+def newest_panel(config) -> str | None:
     """Return the path of the run's newest guidance panel (--log_guidance), or None."""
-    import main
-
-    panels = sorted((Path(args.save_dir) / main.output_name(args) / "guidance").glob("step_*.png"))
+    panels = sorted((config.run_dir / "guidance").glob("step_*.png"))
     return str(panels[-1]) if panels else None
 
 
@@ -285,47 +282,37 @@ def zip_run(result) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- the page
-def build_app(model: str | None = None, save_dir: str | Path = "outputs/app", device: str | None = None,
-              precision: str = "fp32", tensorboard: str | None = None, any_model: bool = True):
-    """Return (the gr.Blocks page, its Runner).
+class Handlers:
+    """What the page's buttons do: run one method, compare several, stop; each streams its updates to the page."""
 
-    any_model=False offers only the listed models (the start model, the toy world, SD 2.1-base): for a page served
-    beyond this machine, where a visitor should not make the server download or open whatever model it names.
-    """
-    import gradio as gr
+    def __init__(self, runner: Runner):
+        self.runner = runner
 
-    from guidance.sd import DEFAULT_MODEL
-
-    model = model or default_model()
-    model_choices = list(dict.fromkeys([model, "toy", DEFAULT_MODEL]))
-    runner = Runner(save_dir, device=device, precision=precision, tensorboard=tensorboard,
-                    models=None if any_model else model_choices)
-    methods = loss_types()
-    generators = generator_choices()
-    toy = model == "toy"
-    first = "sds" if "sds" in methods else methods[0]
-    source_default = TOY_SOURCE if toy else SD_SOURCE
-
+    @staticmethod
     def session_of(request) -> str:
         return getattr(request, "session_hash", None) or "api"
 
+    @staticmethod
     def method_changed(method):
+        """Return the page updates for a newly chosen method: edit fields shown or hidden, its defaults."""
+        import gradio as gr
+
         info = method_info(method)
         return (gr.update(visible=info.edits), gr.update(visible=info.edits),
                 gr.update(placeholder=f"blank: {method}'s default, {info.guidance_scale:g}"),
                 gr.update(value=info.steps))
 
-    def run(prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
-            generator=None, log_guidance=True, request: gr.Request = None):
+    def run(self, prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
+            generator=None, log_guidance=True, request=None):
         """Run one method; stream (image, status, loss curve, downloads, newest guidance panel)."""
         try:
-            args = runner.make_args(prompt, method, steps, seed, edit_prompt, source, guidance, model, generator,
-                                    log_guidance)
+            args = self.runner.make_args(prompt, method, steps, seed, edit_prompt, source, guidance, model, generator,
+                                         log_guidance)
         except Exception as err:  # noqa: BLE001
             yield None, describe_error(err), loss_frame([]), None, None
             return
         yield None, f"starting {method} with {args.model} ({args.step} steps)", loss_frame([]), None, None
-        for event in runner.stream(args, session_of(request)):
+        for event in self.runner.stream(args, self.session_of(request)):
             if event[0] == "progress":
                 _, step, total, t, losses, image = event
                 yield (image, progress_text(method, step, total, t, losses), loss_frame(losses), None,
@@ -338,17 +325,18 @@ def build_app(model: str | None = None, save_dir: str | Path = "outputs/app", de
                 yield (str(result.image_path), result_text(result), loss_frame(result.losses), files,
                        newest_panel(args))
 
-    def compare(prompt, chosen, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
-                generator=None, log_guidance=True, request: gr.Request = None):
+    def compare(self, prompt, chosen, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
+                generator=None, log_guidance=True, request=None):
         """Run up to four methods on one prompt and seed, one after another; stream the gallery and a status."""
+        methods = loss_types()
         chosen = [m for m in methods if m in (chosen or [])]
         if not chosen or len(chosen) > MAX_COMPARE:
             yield [], f"error: choose one to {MAX_COMPARE} methods to compare (chose {len(chosen)})"
             return
-        root = runner.new_save_dir("-compare")
+        root = self.runner.new_save_dir("-compare")
         try:
-            all_args = [runner.make_args(prompt, m, steps if steps else None, seed, edit_prompt, source, guidance,
-                                         model, generator, log_guidance, save_dir=root / m) for m in chosen]
+            all_args = [self.runner.make_args(prompt, m, steps if steps else None, seed, edit_prompt, source, guidance,
+                                              model, generator, log_guidance, save_dir=root / m) for m in chosen]
         except Exception as err:  # noqa: BLE001
             yield [], describe_error(err)
             return
@@ -357,7 +345,7 @@ def build_app(model: str | None = None, save_dir: str | Path = "outputs/app", de
             if stopped:
                 lines.append(f"{method}: skipped (stopped)")
                 continue
-            for event in runner.stream(args, session_of(request)):
+            for event in self.runner.stream(args, self.session_of(request)):
                 if event[0] == "progress":
                     _, step, total, t, losses, image = event
                     yield done + [(image, f"{method} · step {step}/{total}")], \
@@ -372,71 +360,123 @@ def build_app(model: str | None = None, save_dir: str | Path = "outputs/app", de
             yield done, "\n".join(lines)
         yield done, "\n".join(lines + ["stopped" if stopped else "finished comparing " + ", ".join(chosen)])
 
-    def stop(request: gr.Request = None):
-        runner.request_stop(session_of(request))
+    def stop(self, request=None):
+        """Stop the session's current run (or comparison)."""
+        self.runner.request_stop(self.session_of(request))
 
+
+def build_app(model: str | None = None, save_dir: str | Path = "outputs/app", device: str | None = None,
+              precision: str = "fp32", tensorboard: str | None = None, any_model: bool = True):
+    """Return (the gr.Blocks page, its Runner).
+
+    any_model=False offers only the listed models (the start model, the toy worlds, SD 2.1-base): for a page served
+    beyond this machine, where a visitor should not make the server download or open whatever model it names.
+    """
+    from guidance.models import DEFAULT_MODEL, worlds
+
+    model = model or default_model()
+    model_choices = list(dict.fromkeys([model, *worlds(), DEFAULT_MODEL]))
+    runner = Runner(save_dir, device=device, precision=precision, tensorboard=tensorboard,
+                    models=None if any_model else model_choices)
+    page, ui = layout(model, model_choices, any_model)
+    wire(page, ui, Handlers(runner))
+    page.queue(default_concurrency_limit=1)
+    return page, runner
+
+
+def layout(model: str, model_choices: list[str], any_model: bool):
+    """Return (the gr.Blocks page, {elem_id: component}) laid out, without any event wired."""
+    import gradio as gr
+
+    from guidance.models import world
+
+    methods, generators = loss_types(), generator_choices()
+    first = "sds" if "sds" in methods else methods[0]
+    example_prompt, example_edit, source_default = example_for(model)
+    ui = {}
     with gr.Blocks(title="Score distillation: watch it work") as page:
         gr.Markdown("## Score distillation: watch it work\n"
                     "Distil an image with any method; it updates every few steps. "
-                    + ("The toy world: 64x64 circles and squares, colours red, green, blue, yellow."
-                       if toy else f"Model: {model}."))
+                    + f"The model: {getattr(world(model), 'description', model)}.")
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value=TOY_PROMPT if toy else SD_PROMPT, elem_id="prompt")
-                method = gr.Dropdown(methods, value=first, label="Method", elem_id="method")
+                ui["prompt"] = gr.Textbox(label="Prompt", value=example_prompt, elem_id="prompt")
+                ui["method"] = gr.Dropdown(methods, value=first, label="Method", elem_id="method")
                 edits = method_info(first).edits
-                edit_prompt = gr.Textbox(label="Edit prompt", value=TOY_EDIT if toy else SD_EDIT,
-                                         elem_id="edit_prompt", visible=edits)
-                source = gr.Image(label="Source image", type="filepath", elem_id="source", visible=edits, height=200,
-                                  value=str(source_default) if source_default.is_file() else None)
-                model_box = gr.Dropdown(model_choices, value=model, label="Model", allow_custom_value=any_model,
-                                        elem_id="model")
+                ui["edit_prompt"] = gr.Textbox(label="Edit prompt", value=example_edit, elem_id="edit_prompt",
+                                               visible=edits)
+                ui["source"] = gr.Image(label="Source image", type="filepath", elem_id="source", visible=edits,
+                                        height=200, value=str(source_default) if source_default.is_file() else None)
+                ui["model"] = gr.Dropdown(model_choices, value=model, label="Model", allow_custom_value=any_model,
+                                          elem_id="model")
                 with gr.Row():
                     # A text box, so that blank (the method's default) is a value the page and the API can send.
-                    guidance = gr.Textbox(label="Guidance scale", value="", elem_id="guidance",
-                                          placeholder=f"blank: {first}'s default, "
-                                                      f"{method_info(first).guidance_scale:g}")
-                    steps = gr.Number(label="Steps", value=method_info(first).steps, precision=0, minimum=1,
-                                      elem_id="steps")
-                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
-                generator = gr.Dropdown(generators[0] if generators else [], label="Generator",
-                                        value=generators[1] if generators else None, elem_id="generator",
-                                        visible=bool(generators))
-                log_guidance = gr.Checkbox(value=True, label="Show what the guidance sees (x_t, x0_hat, |grad|)",
-                                           elem_id="log_guidance")
+                    ui["guidance"] = gr.Textbox(label="Guidance scale", value="", elem_id="guidance",
+                                                placeholder=f"blank: {first}'s default, "
+                                                            f"{method_info(first).guidance_scale:g}")
+                    ui["steps"] = gr.Number(label="Steps", value=method_info(first).steps, precision=0, minimum=1,
+                                            elem_id="steps")
+                    ui["seed"] = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                ui["generator"] = gr.Dropdown(generators[0], label="Generator", value=generators[1],
+                                              elem_id="generator")
+                ui["log_guidance"] = gr.Checkbox(value=True, label="Show what the guidance sees (x_t, x0_hat, |grad|)",
+                                                 elem_id="log_guidance")
                 with gr.Row():
-                    run_button = gr.Button("Run", variant="primary", elem_id="run")
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    ui["run"] = gr.Button("Run", variant="primary", elem_id="run")
+                    ui["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=2):
                 with gr.Row():
-                    result = gr.Image(label="Result", elem_id="result", format="png", interactive=False, height=320)
-                    loss = gr.LinePlot(x="step", y=LOSS_AXIS, label="Loss", elem_id="loss", height=320)
-                status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
-                panel = gr.Image(label="What the guidance sees (every 25 steps): x · x_t · x0_hat (where the "
-                                       "guidance points) · |grad|", elem_id="guidance_panel", format="png",
-                                 interactive=False, height=170)
-                downloads = gr.File(label="Downloads: the PNG and the run folder (zip)", file_count="multiple",
-                                    elem_id="downloads", interactive=False)
+                    ui["result"] = gr.Image(label="Result", elem_id="result", format="png", interactive=False,
+                                            height=320)
+                    ui["loss"] = gr.LinePlot(x="step", y=LOSS_AXIS, label="Loss", elem_id="loss", height=320)
+                ui["status"] = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
+                ui["guidance_panel"] = gr.Image(
+                    label="What the guidance sees (every 25 steps): x · x_t · x0_hat (where the guidance points) · "
+                          "|grad|", elem_id="guidance_panel", format="png", interactive=False, height=170)
+                ui["downloads"] = gr.File(label="Downloads: the PNG and the run folder (zip)", file_count="multiple",
+                                          elem_id="downloads", interactive=False)
         with gr.Accordion("Compare methods: same prompt and seed, side by side", open=True):
             with gr.Row():
-                compare_methods = gr.CheckboxGroup(methods, value=[m for m in ("sds", "vsd") if m in methods],
-                                                   label=f"Methods (up to {MAX_COMPARE})", elem_id="compare_methods",
-                                                   scale=3)
-                compare_button = gr.Button("Compare", elem_id="compare", scale=1)
-            compare_result = gr.Gallery(label="Compared", columns=MAX_COMPARE, height=300, elem_id="compare_result",
-                                        format="png", object_fit="contain")
-            compare_status = gr.Textbox(label="Compare status", elem_id="compare_status", interactive=False, lines=2)
+                ui["compare_methods"] = gr.CheckboxGroup(methods, value=[m for m in ("sds", "vsd") if m in methods],
+                                                         label=f"Methods (up to {MAX_COMPARE})",
+                                                         elem_id="compare_methods", scale=3)
+                ui["compare"] = gr.Button("Compare", elem_id="compare", scale=1)
+            ui["compare_result"] = gr.Gallery(label="Compared", columns=MAX_COMPARE, height=300,
+                                              elem_id="compare_result", format="png", object_fit="contain")
+            ui["compare_status"] = gr.Textbox(label="Compare status", elem_id="compare_status", interactive=False,
+                                              lines=2)
+    return page, ui
 
-        common = [edit_prompt, source, guidance, model_box, generator, log_guidance]
-        method.change(method_changed, method, [edit_prompt, source, guidance, steps], api_visibility="private")
-        run_button.click(run, [prompt, method, steps, seed, *common], [result, status, loss, downloads, panel],
-                         api_name="run", concurrency_id="model", concurrency_limit=1)
-        compare_button.click(compare, [prompt, compare_methods, steps, seed, *common],
-                             [compare_result, compare_status], api_name="compare", concurrency_id="model",
-                             concurrency_limit=1)
-        stop_button.click(stop, None, None, api_name="stop", concurrency_limit=None)
-    page.queue(default_concurrency_limit=1)
-    return page, runner
+
+def wire(page, ui: dict, handlers: Handlers) -> None:
+    """Connect the page's events to the handlers: Run and Compare share the one model (one at a time), Stop does not
+    wait; the API names are /run, /compare and /stop."""
+    import gradio as gr
+
+    def run(prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None, generator=None,
+            log_guidance=True, request: gr.Request = None):
+        yield from handlers.run(prompt, method, steps, seed, edit_prompt, source, guidance, model, generator,
+                                log_guidance, request)
+
+    def compare(prompt, chosen, steps, seed, edit_prompt=None, source=None, guidance=None, model=None, generator=None,
+                log_guidance=True, request: gr.Request = None):
+        yield from handlers.compare(prompt, chosen, steps, seed, edit_prompt, source, guidance, model, generator,
+                                    log_guidance, request)
+
+    def stop(request: gr.Request = None):
+        handlers.stop(request)
+
+    with page:
+        common = [ui[k] for k in ("edit_prompt", "source", "guidance", "model", "generator", "log_guidance")]
+        ui["method"].change(handlers.method_changed, ui["method"],
+                            [ui["edit_prompt"], ui["source"], ui["guidance"], ui["steps"]], api_visibility="private")
+        ui["run"].click(run, [ui["prompt"], ui["method"], ui["steps"], ui["seed"], *common],
+                        [ui["result"], ui["status"], ui["loss"], ui["downloads"], ui["guidance_panel"]],
+                        api_name="run", concurrency_id="model", concurrency_limit=1)
+        ui["compare"].click(compare, [ui["prompt"], ui["compare_methods"], ui["steps"], ui["seed"], *common],
+                            [ui["compare_result"], ui["compare_status"]], api_name="compare", concurrency_id="model",
+                            concurrency_limit=1)
+        ui["stop"].click(stop, None, None, api_name="stop", concurrency_limit=None)
 
 
 def launch(page, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, save_dir: str | Path = "outputs/app",

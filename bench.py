@@ -134,9 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0:
         raise UserError(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
     if args.log_step is None:
-        import main as main_py
+        from guidance.config import RunConfig
 
-        args.log_step = main_py.build_parser().get_default("log_step")
+        args.log_step = RunConfig.log_step
     if args.log_step < 1:
         raise UserError(f"--log_step {args.log_step} must be at least 1")
     if args.threads is not None and args.threads < 1:
@@ -238,7 +238,8 @@ def make_steps(model, vsd_model) -> dict:
     """
     import torch
 
-    import main as main_py
+    from guidance.loop import LOSS_SCALE
+    from guidance.methods import METHODS
 
     uncond = model.get_text_embeds("low quality")
     text_embeddings = torch.cat([uncond, model.get_text_embeds(PROMPT)])
@@ -266,7 +267,7 @@ def make_steps(model, vsd_model) -> dict:
             if before:
                 before()
             optimizer.zero_grad(set_to_none=True)
-            (main_py.LOSS_SCALE * loss_fn(latents)).backward()
+            (LOSS_SCALE * loss_fn(latents)).backward()
             optimizer.step()
         return run
 
@@ -281,7 +282,7 @@ def make_steps(model, vsd_model) -> dict:
     def lora_timestep(mode):
         return lambda: setattr(vsd_model, "vsd_lora_timestep", mode)
 
-    scale = {loss: main_py.LOSS_DEFAULTS[loss][0] for loss in main_py.LOSS_DEFAULTS}
+    scale = {name: m.guidance_scale for name, m in METHODS.items()}
     return {
         "floor_b2": floor(2),
         "sds": step(lambda x: model.get_sds_loss(x, text_embeddings, guidance_scale=scale["sds"])),
@@ -365,18 +366,18 @@ def time_main_loop(model, floor, source: str, args: argparse.Namespace, log_step
     time_s is its wall time from the first loss to the final decode over its steps; floor_s is then given by the
     caller, as floor (a number of seconds).
     """
-    import main as main_py
+    from guidance.config import RunConfig
+    from guidance.loop import run
 
     if args.device.type == "cuda":
         floor_s, floor = floor, None
         n_steps = max(n_steps, 2 * log_step) // max(log_step, 1) * max(log_step, 1) if log_step else n_steps
 
     with tempfile.TemporaryDirectory(prefix="bench-main-") as save_dir:
-        run_args = main_py.parse_args(["--prompt", PROMPT, "--loss_type", "sds", "--model", source,
-                                    "--step", str(n_steps), "--log_step", str(log_step), "--save_dir", save_dir,
-                                    "--device", str(args.device), "--precision", args.precision])
+        run_config = RunConfig(prompt=PROMPT, loss_type="sds", model=source, step=n_steps, log_step=log_step,
+                               save_dir=save_dir, device=str(args.device), precision=args.precision).resolved()
         timer = _LoopTimer(model, floor, args.device)
-        result = main_py.run(timer, run_args, progress=False)
+        result = run(timer, run_config, progress=False)
     if result.status != "finished" or len(timer.step_starts) != n_steps or timer.last_decode is None:
         raise RuntimeError(f"main.run stopped early ({result.status}) after {result.steps_done} of {n_steps} steps")
     if floor is None:
@@ -393,12 +394,12 @@ def split_loop(run: dict, log_step: int) -> dict:
     without 'main_loop_nolog' when every step logged (--log_step 1).
 
     Medians, so that a burst of load does not decide. A step without logging runs the very code of a run with
-    logging off, so 'main_loop_nolog' is the median of the steps that did not log; 'main_loop' adds what a
-    logging step takes beyond it, spread over the --log_step steps it serves (logging counts in full even when
+    logging off, so 'main_loop_nolog' is the median of the steps that did not log (main.run logs every --log_step
+    steps and the last one); 'main_loop' adds what a logging step takes beyond it, spread over the --log_step steps it serves (logging counts in full even when
     the run is shorter than --log_step).
     """
     steps = run["samples_s"]
-    logged = [i for i in range(len(steps)) if log_step and i % log_step == 0]
+    logged = [i for i in range(len(steps)) if log_step and (i % log_step == 0 or i == len(steps) - 1)]
     plain = [s for i, s in enumerate(steps) if i not in logged]
     common = {"floor_s": run["floor_s"], "floor_samples_s": run["floor_samples_s"]}
     if not plain:
@@ -840,7 +841,8 @@ def make_method_steps(model, names: list[str]) -> tuple[dict, dict]:
     """
     import torch
 
-    import main as main_py
+    from guidance.config import RunConfig
+    from guidance.loop import LOSS_SCALE
     from guidance.methods import METHODS, StepContext
 
     shape, device = model.latent_shape(1), model.device
@@ -848,11 +850,9 @@ def make_method_steps(model, names: list[str]) -> tuple[dict, dict]:
     steps, works, calls = {}, {}, {}
     for name in names:
         method = METHODS[name]
-        argv = ["--prompt", PROMPT, "--loss_type", name, "--model", "toy", "--save_dir", tempfile.gettempdir()]
-        args = main_py.build_parser().parse_args(argv)
-        args.edit_prompt = EDIT_PROMPT if method.edits else None
-        args.loss_type = name
-        method_args = main_py.validate_args(_without_source_check(args))
+        method_args = RunConfig(prompt=PROMPT, loss_type=name, model=model.model_name, device=str(device),
+                                save_dir=tempfile.gettempdir(), edit_prompt=EDIT_PROMPT if method.edits else None,
+                                src_img_path=source_image() if method.edits else None).resolved()
         context = StepContext(model, method_args, torch.cat([uncond, model.get_text_embeds(PROMPT)]),
                               torch.cat([uncond, model.get_text_embeds(EDIT_PROMPT)]),
                               torch.randn(shape, device=device), model.min_step, model.max_step)
@@ -861,7 +861,7 @@ def make_method_steps(model, names: list[str]) -> tuple[dict, dict]:
 
         def step(method=method, context=context, latents=latents, optimizer=optimizer, n=method_args.step):
             optimizer.zero_grad(set_to_none=True)
-            (main_py.LOSS_SCALE * method.compute_loss(model, context, latents, METHOD_T, n)).backward()
+            (LOSS_SCALE * method.compute_loss(model, context, latents, METHOD_T, n)).backward()
             optimizer.step()
 
         recorded = []
@@ -883,18 +883,14 @@ def make_method_steps(model, names: list[str]) -> tuple[dict, dict]:
     return steps, works, calls
 
 
-def _without_source_check(args):
-    """Return args for validate_args with an editing method's source image (none is needed for timing) faked."""
-    import main as main_py
+def source_image() -> str:
+    """Return the path of a source image for editing methods' configurations (timing needs no real one)."""
+    path = Path(tempfile.gettempdir()) / "bench_source.png"
+    if not path.is_file():
+        from PIL import Image
 
-    if main_py.METHODS[args.loss_type].edits:
-        path = Path(tempfile.gettempdir()) / "bench_source.png"
-        if not path.is_file():
-            from PIL import Image
-
-            Image.new("RGB", (64, 64), (200, 40, 40)).save(path)
-        args.src_img_path = str(path)
-    return args
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(path)
+    return str(path)
 
 
 def run_methods(args: argparse.Namespace) -> dict:
@@ -947,8 +943,8 @@ def run_generators(args: argparse.Namespace) -> dict:
     """
     import torch
 
-    import main as main_py
     from guidance.generators import build_generator
+    from guidance.loop import LOSS_SCALE
 
     started = time.perf_counter()
     if args.threads:
@@ -970,7 +966,7 @@ def run_generators(args: argparse.Namespace) -> dict:
 
         def step(gen=gen, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
-            (main_py.LOSS_SCALE * model.get_sds_loss(gen.latents(model), embeddings, guidance_scale=25)).backward()
+            (LOSS_SCALE * model.get_sds_loss(gen.latents(model), embeddings, guidance_scale=25)).backward()
             optimizer.step()
 
         timed_fns.update({f"{name}/encode": encode, f"{name}/step": step})

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from guidance.runfolder import RunFolder
 from utils import UserError, prompt_for_stem, prompt_to_filename, resolve_device, run_cli, save_json_atomic
 
 CLIP_MODEL = "ViT-B-32"
@@ -134,19 +135,22 @@ class LpipsMetric:
         return [float(self.model(tensor(r, s.size), tensor(s, s.size))) for r, s in zip(results, sources)]
 
 
+def scorer_choices() -> list[str]:
+    """Return the scorers eval.py offers: clip, and each toy world's own (guidance/models.py's worlds)."""
+    from guidance.models import worlds
+
+    return ["clip", *worlds()]
+
+
 def make_scorer(kind: str = "clip", device=None, clip_pretrained: str | None = DEFAULT_PRETRAINED):
-    """Return a scorer with .score(images, prompts) -> list[float]: 'clip' (open_clip ViT-B/32) or 'toy'."""
-    if kind == "toy":
-        try:
-            from guidance.toy import ToyScorer
-        except ModuleNotFoundError as err:
-            if err.name not in ("guidance.toy", "guidance"):
-                raise
-            raise UserError("--scorer toy needs guidance/toy.py (ToyScorer), which this checkout lacks: "
-                            "use --scorer clip") from None
-        return ToyScorer()
+    """Return a scorer with .score(images, prompts) -> list[float]: 'clip' (open_clip ViT-B/32) or a toy world's."""
+    from guidance.models import world
+
+    found = world(kind)
+    if found is not None:
+        return found.scorer()
     if kind != "clip":
-        raise UserError(f"unknown scorer {kind!r}: use clip or toy")
+        raise UserError(f"unknown scorer {kind!r}: use one of {', '.join(scorer_choices())}")
     return _make_clip_scorer(resolve_device(device), clip_pretrained)
 
 
@@ -347,12 +351,9 @@ def edit_sources(fdir: str, names: list[str]) -> tuple[list[Image.Image], list[s
     <name>/source.png, the source as the model saw it, and the prompts in <name>/run_config.json)."""
     images, prompts = [], []
     for name in names:
-        run_dir = Path(fdir) / Path(name).stem
-        try:
-            config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}
-        source = run_dir / "source.png"
+        run = RunFolder(fdir, Path(name).stem)
+        run_dir, config = run.dir, run.read_config() or {}
+        source = run.path("source.png")
         if not source.is_file() and config.get("src_img_path"):
             source = Path(config["src_img_path"])
         if not source.is_file() or not isinstance(config.get("prompt"), str):
@@ -424,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the eval.py argument parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fdir1", required=True, help="folder whose *.png files (named after prompts) are scored")
-    parser.add_argument("--scorer", default="clip", choices=["clip", "toy"],
-                        help="clip (default): CLIP ViT-B/32 similarity; toy: the toy world's scorer")
+    parser.add_argument("--scorer", default="clip", choices=scorer_choices(),
+                        help="clip (default): CLIP ViT-B/32 similarity; a toy world's name: that world's exact "
+                             "scorer")
     parser.add_argument("--clip_pretrained", default=DEFAULT_PRETRAINED,
                         help="open_clip ViT-B-32 tag (default openai), a local checkpoint file (for offline use, "
                              "e.g. OpenAI's ViT-B-32.pt, assumed QuickGELU like OpenAI's), or 'none' for random "
@@ -452,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run eval.py on argv; return the exit code (UserError propagates for run_cli)."""
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device) if args.scorer == "clip" else args.device
+    device = resolve_device(args.device)  # a device this machine lacks is an error, as in main.py
     result = evaluate_dir(args.fdir1, scorer=args.scorer, prompts_file=args.prompts, task=args.task,
                           device=device, clip_pretrained=args.clip_pretrained, allow_missing=args.allow_missing,
                           metrics=args.metrics, lpips_weights=args.lpips_weights)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guidance.methods import METHODS
+from guidance.models import world
+from guidance.runfolder import RunFolder
 from utils import CliParser, UserError, prompt_for_stem, run_cli
 
 # Every method of the table, in the comparison's order: the reference sampler, generation (LoRA last), edits.
@@ -56,12 +58,17 @@ class Run:
     score: float | None = None
 
     @property
+    def files(self) -> RunFolder:
+        """Return the run's folder (guidance/runfolder.py): its image, record, losses, progress images."""
+        return RunFolder(self.folder, self.name)
+
+    @property
     def image(self) -> Path:
-        return self.folder / f"{self.name}.png"
+        return self.files.image
 
     @property
     def run_dir(self) -> Path:
-        return self.folder / self.name
+        return self.files.dir
 
     @property
     def caption_prompt(self) -> str:
@@ -70,9 +77,7 @@ class Run:
     @property
     def status(self) -> str:
         """Return finished | running | diverged | interrupted | no record (a PNG without main.py's record) | missing."""
-        if self.config is not None:
-            return str(self.config.get("status", "unknown"))
-        return "no record" if self.image.is_file() else "missing"
+        return self.files.status()
 
 
 @dataclass
@@ -130,7 +135,7 @@ def _discover_runs(task: str, folder: Path, seed) -> list[Run]:
     names |= {d.name for d in folder.iterdir() if (d / "run_config.json").is_file()}
     runs = []
     for name in sorted(names):
-        config = _read_json(folder / name / "run_config.json")
+        config = RunFolder(folder, name).read_config()
         # The name is the prompt only for ordinary prompts (prompt_to_filename makes hostile or long ones safe).
         prompt = (config or {}).get("prompt") or prompt_for_stem(folder, name)
         edit = (config or {}).get("edit_prompt") if _edits(task) else None
@@ -159,7 +164,7 @@ def collect(out_dir: str | Path) -> Report:
                 seeds.append(seed)
         result = TaskResult(task, seeds, runs, dict((entry or {}).get("settings", {})))
         for run in runs:
-            run.config = _read_json(run.run_dir / "run_config.json")
+            run.config = run.files.read_config()
         if not result.settings:
             config = next((r.config for r in runs if r.config), {})
             result.settings = {k: config[k] for k in ("guidance_scale", "step", "lr", "negative_prompt", "precision",
@@ -367,8 +372,8 @@ def title_page(report: Report):
         page.text(MARGIN, y + 0.05, _wrap(text, 6.5, FONT, 3))
         y += 0.25 + 0.17 * _wrap(text, 6.5, FONT, 3).count("\n")
     notes = [f"{r.task.upper()}: {n}" for r in report.tasks for n in r.notes]
-    if "toy" in str(scorer):
-        notes.append("The toy scorer is not CLIP: the course's thresholds are drawn for reference only.")
+    if world(str(scorer)) is not None:
+        notes.append(f"The {scorer} world's scorer is not CLIP: the course's thresholds are drawn for reference only.")
     y += 0.2
     page.text(MARGIN, y, "Notes" if notes else "Notes: none (every image present and scored)", weight="bold")
     y += 0.25
@@ -588,7 +593,7 @@ def progress_pages(result: TaskResult, several_seeds: bool):
             page.text(MARGIN, top + 0.05, _wrap(run.caption_prompt, label_w - 0.1, FONT, 3), weight="bold")
             page.text(MARGIN, top + 0.62, _wrap(details, label_w - 0.1, SMALL, 2), size=SMALL, color="#555555")
             page.text(MARGIN, top + 0.95, _score_text(run), size=SMALL, color=_grade_color(run.score))
-            frames = _pick_frames(sorted((run.run_dir / "progress").glob("step_*.png")), STRIP_LENGTH)
+            frames = _pick_frames(run.files.progress_images(), STRIP_LENGTH)
             x = MARGIN + label_w
             if not frames:
                 page.text(x, top + 0.4, _wrap(f"no progress images in {run.name}/progress/ "

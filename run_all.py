@@ -16,7 +16,6 @@ OUT/report.pdf, OUT/run_all.json (the settings and items the report reads) and O
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -26,8 +25,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from guidance.config import RunConfig
 from guidance.methods import METHODS, OPTION_FLAGS
-from utils import CliParser, UserError, prompt_to_filename, run_cli, save_json_atomic
+from guidance.models import world
+from guidance.runfolder import RunFolder
+from utils import (CliParser, UserError, add_config_arguments, config_from_args, prompt_to_filename, run_cli,
+                   save_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 # Every method of the table, in the order each process runs them: the course's three first, methods with a LoRA
@@ -36,15 +39,10 @@ TASKS = tuple(sorted(METHODS, key=lambda name: (METHODS[name].lora, name not in 
 COURSE_TASKS = ("sds", "pds", "vsd")
 EVAL_TASK = {name: "edit" if m.edits else "gen" for name, m in METHODS.items()}
 DEFAULT_PROMPTS = REPO / "data" / "prompt_img_pairs.json"
-TOY_PROMPTS = REPO / "data" / "toy_prompts.json"
 MANIFEST = "run_all.json"
 # main.py flags that run_all sets per run, and the run_all flag to use instead.
 PER_RUN_FLAGS = {"prompt": "--prompts FILE", "edit_prompt": "--prompts FILE", "src_img_path": "--prompts FILE",
                  "save_dir": "--out DIR", "loss_type": "--tasks", "seed": "--seeds"}
-# Settings that change a run's result: a finished run made with other values is redone.
-RESULT_KEYS = ("model", "loss_type", "prompt", "edit_prompt", "negative_prompt", "seed", "step", "guidance_scale",
-               "lr", "precision", "weighting", "num_particles", "lora_lr", "vsd_lora_timestep", "t_schedule", "t_range",
-               "t_anneal_to", "no_t5", *OPTION_FLAGS, "generator", "render_size", "num_shapes", "pixel_size", "augment")
 # Settings shown on the report's title page.
 SETTING_KEYS = ("guidance_scale", "step", "lr", "negative_prompt", "precision", "weighting", "num_particles",
                 "lora_lr", "vsd_lora_timestep", "log_step")
@@ -70,12 +68,17 @@ class Item:
         return prompt_to_filename(self.prompt)
 
     @property
+    def folder(self) -> RunFolder:
+        """Return the run's folder (guidance/runfolder.py): its image, record, losses and latents."""
+        return RunFolder(self.save_dir, self.name)
+
+    @property
     def image_path(self) -> Path:
-        return self.save_dir / f"{self.name}.png"
+        return self.folder.image
 
     @property
     def run_dir(self) -> Path:
-        return self.save_dir / self.name
+        return self.folder.dir
 
     def label(self) -> str:
         return f"{self.task} seed {self.seed} {self.name}"
@@ -111,48 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval.py --lpips_weights (none: random weights, tests only)")
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation (eval.json)")
     p.add_argument("--no_report", action="store_true", help="skip report.pdf")
+    shared = p.add_argument_group("every main.py flag (shared by all runs; python main.py --help)")
+    add_config_arguments(shared, RunConfig, none_required=True)
     return p
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
-    """Return (run_all's options, main.py's options shared by every run), checked before any model is loaded."""
-    import main
-
-    ours, rest = build_parser().parse_known_args(argv)
-    main_parser = main.build_parser()
-    main_parser.prog = "run_all.py"
-    for action in main_parser._actions:
-        if action.dest == "prompt":
-            action.required = False  # each run's prompt comes from the prompts file
-    unset = object()
-    main_parser.set_defaults(**{dest: unset for dest in PER_RUN_FLAGS})
-    base = main_parser.parse_args(rest)
+def parse_args(argv=None) -> tuple[argparse.Namespace, RunConfig]:
+    """Return (run_all's options, the run configuration every run shares, unresolved), checked before any model loads."""
+    ours = build_parser().parse_args(argv)
     for dest, instead in PER_RUN_FLAGS.items():
-        if getattr(base, dest) is not unset:
+        if getattr(ours, dest) is not None:
             raise UserError(f"--{dest} is set by run_all for each run: use {instead} instead")
-        setattr(base, dest, None)
+    base = config_from_args(ours, RunConfig)
     ours.tasks = [t for t in TASKS if t in ours.tasks]
     ours.seeds = list(dict.fromkeys(ours.seeds))
     if ours.prompts is None:
-        ours.prompts = str(TOY_PROMPTS if base.model == "toy" else DEFAULT_PROMPTS)
+        found = world(base.model)
+        ours.prompts = str(found.prompts_file if found is not None else DEFAULT_PROMPTS)
     for dest in OPTION_FLAGS:  # a method's own flag applies to that method's runs; one no task uses is a mistake
         if getattr(base, dest) is not None and not any(dest in METHODS[t].options for t in ours.tasks):
             owners = " / ".join(name for name, m in METHODS.items() if dest in m.options)
             raise UserError(f"--{dest} belongs to {owners}, which --tasks does not include: drop it or add the task")
     # Check the flags that all runs share now (e.g. --step 0), with a stand-in run of a generation task.
-    probe = _own_options(base, "sds")
-    probe.prompt, probe.loss_type, probe.seed, probe.save_dir = "probe", "sds", 0, ours.out
-    main.validate_args(probe)
+    _own_options(base, "sds").replace(prompt="probe", loss_type="sds", seed=0, save_dir=ours.out).resolved()
     return ours, base
 
 
-def _own_options(base: argparse.Namespace, task: str) -> argparse.Namespace:
-    """Return a copy of the shared options without the method-specific flags that `task` does not own."""
-    args = copy.copy(base)
-    for dest in OPTION_FLAGS:
-        if dest not in METHODS[task].options:
-            setattr(args, dest, None)
-    return args
+def _own_options(base: RunConfig, task: str) -> RunConfig:
+    """Return a copy of the shared configuration without the method options that `task` does not own."""
+    return base.replace(**{dest: None for dest in OPTION_FLAGS if dest not in METHODS[task].options})
 
 
 def load_prompts(path: str) -> dict:
@@ -208,26 +198,27 @@ def build_items(ours: argparse.Namespace, prompts: dict) -> list[Item]:
     return items
 
 
-def item_args(item: Item, base: argparse.Namespace) -> argparse.Namespace:
-    """Return main.py's validated arguments for one run (UserError names what is wrong with this entry)."""
-    import main
-
+def item_args(item: Item, base: RunConfig) -> RunConfig:
+    """Return the resolved run configuration of one item (UserError names what is wrong with this entry)."""
     if METHODS[item.task].edits and (item.edit_prompt is None or item.src_img_path is None):
         missing = "edit_prompt" if item.edit_prompt is None else "img_path"
         raise UserError(f"prompts entry {item.key!r} has no {missing}, which {item.task.upper()} needs")
-    args = _own_options(base, item.task)
-    args.prompt, args.edit_prompt, args.src_img_path = item.prompt, item.edit_prompt, item.src_img_path
-    args.loss_type, args.seed, args.save_dir = item.task, item.seed, str(item.save_dir)
-    return main.validate_args(args)
+    return _own_options(base, item.task).replace(
+        prompt=item.prompt, edit_prompt=item.edit_prompt, src_img_path=item.src_img_path, loss_type=item.task,
+        seed=item.seed, save_dir=str(item.save_dir)).resolved()
 
 
-def completion(item: Item, args: argparse.Namespace) -> tuple[bool, str]:
-    """Return (done, why not): done when run_config.json says finished with these settings and the PNG exists."""
-    try:
-        config = json.loads((item.run_dir / "run_config.json").read_text())
-    except FileNotFoundError:
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def completion(item: Item, args: RunConfig) -> tuple[bool, str]:
+    """Return (done, why not): done when run_config.json says finished with the same result settings (every field of
+    RunConfig that changes a result) and the PNG exists."""
+    if not item.folder.config_path.exists():
         return False, "not run yet"
-    except (OSError, ValueError):
+    config = item.folder.read_config()
+    if config is None:
         return False, "its run_config.json is unreadable"
     if config.get("status") == "running":
         return False, "its last run did not finish (it crashed or was stopped)"
@@ -235,8 +226,9 @@ def completion(item: Item, args: argparse.Namespace) -> tuple[bool, str]:
         return False, f"its last run {config.get('status')}"
     if not item.image_path.is_file():
         return False, f"{item.image_path.name} is missing"
-    changed = [f"{k} {config.get(k)!r} -> {getattr(args, k)!r}" for k in RESULT_KEYS
-               if config.get(k) != getattr(args, k)]
+    wanted = args.to_record()
+    changed = [f"{k} {config.get(k)!r} -> {wanted[k]!r}" for k in RunConfig.result_fields()
+               if _as_json(config.get(k)) != _as_json(wanted[k])]
     if changed:
         return False, "settings changed: " + ", ".join(changed)
     return True, "finished"
@@ -246,8 +238,7 @@ def completion(item: Item, args: argparse.Namespace) -> tuple[bool, str]:
 class Batch:
     """One process's part of the batch: its runs against one model loaded on first need."""
 
-    def __init__(self, base: argparse.Namespace, process_index: int, num_processes: int, out: Path,
-                 device: str | None):
+    def __init__(self, base: RunConfig, process_index: int, num_processes: int, out: Path, device: str | None):
         self.base = base
         self.process_index = process_index
         self.num_processes = num_processes
@@ -257,15 +248,13 @@ class Batch:
         self.log_path = out / "logs" / f"process_{process_index}.jsonl"
         self.prefix = f"[p{process_index}] " if num_processes > 1 else ""
 
-    def load_model(self, args: argparse.Namespace):
+    def load_model(self, config: RunConfig):
+        """Return the batch's model, loading it (and encoding every prompt of the batch) on first need."""
         import main
 
         if self.model is None:
-            load_args = copy.copy(args)
-            if self.device is not None:
-                load_args.device = self.device
-            print(f"{self.prefix}loading {args.model} ...", flush=True)
-            self.model = main.build_model(load_args)
+            print(f"{self.prefix}loading {config.model} ...", flush=True)
+            self.model = main.build_model(config if self.device is None else config.replace(device=self.device))
             main.encode_then_free_text_encoders(self.model, self.prompts)
         return self.model
 
@@ -279,22 +268,21 @@ class Batch:
             handle.write(json.dumps(entry) + "\n")
         return entry
 
-    def run_one(self, item: Item, args: argparse.Namespace, progress: bool) -> dict:
+    def run_one(self, item: Item, config: RunConfig, progress: bool) -> dict:
         """Run one item; return its record. A KeyboardInterrupt during the run comes back as status 'interrupted'."""
         import main
 
-        model = self.load_model(args)  # main.run() removes any LoRA an earlier VSD run left on it
-        args = copy.copy(args)
-        args.device = str(model.device)
-        args.process_index, args.num_processes = self.process_index, self.num_processes  # kept in run_config.json
-        result = main.run(model, args, progress=progress)
+        model = self.load_model(config)  # main.run() removes any LoRA an earlier VSD run left on it
+        result = main.run(model, config.replace(device=str(model.device)), progress=progress)
+        record = item.folder.read_config() or {}  # which process made it, kept in run_config.json
+        item.folder.write_config({**record, "process_index": self.process_index, "num_processes": self.num_processes})
         message = {"finished": "", "diverged": f"the loss became NaN/inf at step {result.steps_done}; the last "
                                                f"finite image is {result.image_path}",
                    "interrupted": f"interrupted at step {result.steps_done}"}[result.status]
         return self.record(item, result.status, result.seconds, message)
 
 
-def run_share(batch: Batch, share: list[tuple[Item, argparse.Namespace | None, str]], progress: bool) -> list[dict]:
+def run_share(batch: Batch, share: list[tuple[Item, RunConfig | None, str]], progress: bool) -> list[dict]:
     """Run this process's share of the pending items; return their records (stops after an interruption)."""
     from guidance.methods import run_prompts
 
@@ -344,7 +332,7 @@ def eval_is_current(folder: Path, names: list[str], metrics: tuple = ()) -> bool
     return scored == {p.name for p in present} and path.stat().st_mtime >= newest
 
 
-def evaluate(ours: argparse.Namespace, base: argparse.Namespace, items: list[Item], changed: set[Path],
+def evaluate(ours: argparse.Namespace, base: RunConfig, items: list[Item], changed: set[Path],
              device: str | None) -> tuple[dict, bool]:
     """Return ({folder: error message or None}, whether anything was evaluated), writing each folder's eval.json."""
     import eval as evaluation
@@ -365,7 +353,7 @@ def evaluate(ours: argparse.Namespace, base: argparse.Namespace, items: list[Ite
             continue
         try:
             if scorer is None:
-                kind = "toy" if base.model == "toy" else "clip"
+                kind = base.model if world(base.model) is not None else "clip"  # a toy world scores with its own
                 scorer = evaluation.make_scorer(kind, device=device, clip_pretrained=ours.clip_pretrained)
             # A scorer without image and text embeddings (the toy's) cannot give CLIP directions.
             metrics = tuple(m for m in metrics if m != "clip_direction" or hasattr(scorer, "direction"))
@@ -398,12 +386,12 @@ def _read_json(path: Path):
         return None
 
 
-def task_comparison(task: str, task_items: list[Item], toy: bool) -> dict:
-    """Return one row of the comparison for a task's runs: scores (exactly eval.json's), cost, saturation and,
-    for the toy world, the exact metrics of guidance.toy.image_metrics (from each run's final latents)."""
+def task_comparison(task: str, task_items: list[Item], toy_world: type | None = None) -> dict:
+    """Return one row of the comparison for a task's runs: scores (exactly eval.json's), cost, saturation and, in a
+    toy world, its exact metrics (the world's comparison_metrics, from each run's final latents)."""
     import statistics
 
-    import torch
+    from utils import load_image
 
     method = METHODS[task]
     row = {"task": task, "title": method.title, "edits": method.edits, "images": 0}
@@ -411,7 +399,7 @@ def task_comparison(task: str, task_items: list[Item], toy: bool) -> dict:
     toy_rows, templates_by_prompt, patches = [], {}, []
     evals = {}
     for item in task_items:
-        config = _read_json(item.run_dir / "run_config.json")
+        config = item.folder.read_config()
         if not config or config.get("status") != "finished" or not item.image_path.is_file():
             continue
         row["images"] += 1
@@ -429,16 +417,16 @@ def task_comparison(task: str, task_items: list[Item], toy: bool) -> dict:
             rows_per_step.append(config["unet_rows_per_step"])
         if config.get("max_abs") is not None:
             max_abs.append(config["max_abs"])
-        if toy and (item.run_dir / "latents.pt").is_file():
-            from guidance.toy import from_pil, image_metrics, patch_mean
-            from utils import load_image
-
-            latents = torch.load(item.run_dir / "latents.pt")[0]
-            figures = image_metrics(latents, item.edit_prompt if method.edits else item.prompt)
+        latents = item.folder.load_latents() if toy_world is not None else None
+        if latents is not None:
+            source_path = item.folder.path("source.png")
+            source = load_image(source_path) if method.edits and source_path.is_file() else None
+            figures = toy_world.comparison_metrics(latents[0], item.edit_prompt if method.edits else item.prompt,
+                                                   source)
             toy_rows.append(figures)
             templates_by_prompt.setdefault(item.key, set()).add(figures["template"])
-            if method.edits and (item.run_dir / "source.png").is_file():
-                patches.append(patch_mean(latents, from_pil(load_image(item.run_dir / "source.png"))))
+            if "patch" in figures:
+                patches.append(figures["patch"])
     mean = (lambda values: statistics.fmean(values) if values else None)
     row.update(score_mean=mean(scores), score_std=statistics.pstdev(scores) if scores else None,
                scores=len(scores), seconds_per_step=statistics.median(per_step) if per_step else None,
@@ -456,7 +444,7 @@ def task_comparison(task: str, task_items: list[Item], toy: bool) -> dict:
     return row
 
 
-def write_comparison(out: Path, base: argparse.Namespace, items: list[Item], tasks: list[str]) -> Path:
+def write_comparison(out: Path, base: RunConfig, items: list[Item], tasks: list[str]) -> Path:
     """Write OUT/comparison.json, a row per task (task_comparison), for every task of the manifest; return its path."""
     manifest = _read_json(out / MANIFEST) or {}
     rows = []
@@ -468,20 +456,20 @@ def write_comparison(out: Path, base: argparse.Namespace, items: list[Item], tas
         if not task_items:  # a task of an earlier batch: rebuild its items from the manifest
             task_items = [Item(task, e["key"], e["seed"], e["prompt"], e.get("edit_prompt"), e.get("src_img_path"),
                                out / e["folder"]) for e in manifest["tasks"][task]["items"]]
-        rows.append(task_comparison(task, task_items, base.model == "toy"))
+        rows.append(task_comparison(task, task_items, world(base.model)))
     if _read_json(out / COMPARISON) != json.loads(json.dumps(rows, default=str)):  # a rerun with nothing new: untouched
         save_json_atomic(rows, out / COMPARISON)
     return out / COMPARISON
 
 
-def edit_metrics_available(ours: argparse.Namespace, base: argparse.Namespace, device) -> list[str]:
+def edit_metrics_available(ours: argparse.Namespace, base: RunConfig, device) -> list[str]:
     """Return the extra edit metrics of --metrics that can be computed here, with a note for each that cannot."""
     import eval as evaluation
 
     available = []
     for metric in [m for m in ours.metrics if m != "clip"]:
-        if metric == "clip_direction" and base.model == "toy":
-            print("note: clip_direction skipped: the toy world's scorer has no CLIP embeddings", flush=True)
+        if metric == "clip_direction" and world(base.model) is not None:
+            print(f"note: clip_direction skipped: the {base.model} world's scorer has no CLIP embeddings", flush=True)
             continue
         if metric == "lpips":
             # Only weights already here: a batch never waits on a download (eval.py --metrics lpips fetches them).
@@ -502,7 +490,7 @@ def edit_metrics_available(ours: argparse.Namespace, base: argparse.Namespace, d
 
 
 # ----------------------------------------------------------------------------------------------- manifest
-def update_manifest(out: Path, ours: argparse.Namespace, base: argparse.Namespace, items: list[Item],
+def update_manifest(out: Path, ours: argparse.Namespace, base: RunConfig, items: list[Item],
                     item_settings: dict, eval_errors: dict | None = None) -> bool:
     """Merge this batch's tasks into OUT/run_all.json (other tasks' entries are kept); return True if it changed."""
     path = out / MANIFEST
@@ -511,7 +499,7 @@ def update_manifest(out: Path, ours: argparse.Namespace, base: argparse.Namespac
     except (OSError, ValueError):
         manifest = {}
     old = json.dumps(manifest, sort_keys=True)
-    scorer = "toy" if base.model == "toy" else f"clip ViT-B-32 ({ours.clip_pretrained})"
+    scorer = base.model if world(base.model) is not None else f"clip ViT-B-32 ({ours.clip_pretrained})"
     manifest.update(model=base.model, prompts_file=str(ours.prompts), scorer=scorer)
     tasks = manifest.setdefault("tasks", {})
     for task in ours.tasks:
@@ -533,7 +521,7 @@ def update_manifest(out: Path, ours: argparse.Namespace, base: argparse.Namespac
 
 
 # ----------------------------------------------------------------------------------------------- main
-def _distributed_state(base: argparse.Namespace):
+def _distributed_state(base: RunConfig):
     """Return accelerate's PartialState (one process when not launched by accelerate/torchrun)."""
     import torch
     from accelerate import PartialState
@@ -556,7 +544,7 @@ def main(argv=None) -> int:
     if not items:
         raise UserError(f"{ours.prompts} gives nothing to run for tasks {' '.join(ours.tasks)}")
     state = _distributed_state(base)
-    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+    rank, n_processes, is_main = state.process_index, state.num_processes, state.is_main_process
 
     # Which runs are left: every process decides from the same files, before any of them writes one.
     pending, done, settings = [], [], {}
@@ -581,22 +569,22 @@ def main(argv=None) -> int:
 
             for item in done:
                 if not (item.run_dir / "progress.gif").exists():
-                    main_module.write_progress_gif(item.run_dir)
+                    main_module.write_progress_gif(item.folder)
         if pending:
             print(f"{len(pending)} of {len(items)} runs to do ({len(done)} already finished)"
-                  + (f", split over {world} processes" if world > 1 else ""), flush=True)
+                  + (f", split over {n_processes} processes" if n_processes > 1 else ""), flush=True)
     state.wait_for_everyone()
 
-    device = base.device if base.device is not None or world == 1 else str(state.device)
-    batch = Batch(base, rank, world, out, device)
-    records = run_share(batch, pending[rank::world], progress=world == 1 and sys.stderr.isatty())
+    device = base.device if base.device is not None or n_processes == 1 else str(state.device)
+    batch = Batch(base, rank, n_processes, out, device)
+    records = run_share(batch, pending[rank::n_processes], progress=n_processes == 1 and sys.stderr.isatty())
     if any(r["status"] == "interrupted" for r in records):
         print(f"{batch.prefix}Interrupted: finished runs are kept; run the same command again to resume.",
               file=sys.stderr, flush=True)
         return 130
 
     state.wait_for_everyone()
-    if world > 1:
+    if n_processes > 1:
         from accelerate.utils import gather_object
 
         records = gather_object(records)

@@ -7,7 +7,10 @@ alike) and offers the same small interface, so main.run never asks which one it 
 
     param_groups(lr)  AdamW parameter groups, each with its own learning rate (lr = main.py's --lr,
                       the latent's; the others scale their rates by lr / DEFAULT_LR)
-    latents(model)    the latents the losses see, differentiable in theta
+    sample_view()     this step's view c: None, or with --augment a random crop and warp per image (3D
+                      generators, needs_cameras = True, are shown cameras drawn by the loop instead)
+    latents(model, view)  the latents the losses see, differentiable in theta
+    regularization()  what the generator adds to the scaled loss (0 here; a NeRF's regularisers)
     render()          [B, 3, H, W] in [0, 1] at render_size (the model's resolution by default)
     image(model)      the final image in [0, 1] for saving
     save(dir, name)   extra artefacts (the vector generator's SVG), a list of paths
@@ -32,12 +35,15 @@ forward is recomputed in backward (torch.utils.checkpoint), so that one chunk's 
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from guidance.common import UserError, atomic_write_bytes
 
 GENERATORS = ("latent", "pixels", "gaussians", "vector")
 DEFAULT_LR = 0.1  # main.py's --lr: the latent's rate, and the reference the other generators' rates scale with
@@ -49,17 +55,15 @@ SEARCH_BLOCK = 65_536  # fragments per block of the vector generator's nearest-e
 
 
 # ----------------------------------------------------------------------------------------------- views
-def random_view(imgs: torch.Tensor, generator: torch.Generator, crop_area=(0.7, 0.9),
-                distortion: float = 0.5) -> torch.Tensor:
-    """Return each image seen through a random view: a square crop of 70-90% of its area, then a perspective warp.
+def random_views(batch: int, generator: torch.Generator, crop_area=(0.7, 0.9),
+                 distortion: float = 0.5) -> list[torch.Tensor]:
+    """Return one random view per image: the 3x3 homography of a square crop of 70-90% of the image's area,
+    then a perspective warp (VectorFusion's RandomResizedCrop + RandomPerspective as one homography).
 
-    VectorFusion's augmentation (RandomResizedCrop + RandomPerspective) as one homography per image, applied
-    with grid_sample, so it is differentiable in the image. The warped crop's corners move inward only, so
-    the view never samples outside the image (no fill colour to choose).
+    The warped crop's corners move inward only, so the view never samples outside the image (no fill colour).
     """
-    batch, _, height, width = imgs.shape
     views = []
-    for i in range(batch):
+    for _ in range(batch):
         u = torch.rand(6, generator=generator, dtype=torch.float64)
         side = math.sqrt(crop_area[0] + (crop_area[1] - crop_area[0]) * float(u[0]))  # in units of the image side
         x0 = -1 + (2 - 2 * side) * float(u[1])
@@ -69,7 +73,15 @@ def random_view(imgs: torch.Tensor, generator: torch.Generator, crop_area=(0.7, 
         inward = torch.tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]], dtype=torch.float64)
         shift = torch.rand(4, 2, generator=generator, dtype=torch.float64) * distortion * side
         corners = corners + inward * shift
-        homography = _homography(torch.tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=torch.float64), corners)
+        views.append(_homography(torch.tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=torch.float64), corners))
+    return views
+
+
+def apply_views(imgs: torch.Tensor, homographies: list[torch.Tensor]) -> torch.Tensor:
+    """Return each image seen through its view (random_views), with grid_sample: differentiable in the image."""
+    _, _, height, width = imgs.shape
+    views = []
+    for i, homography in enumerate(homographies):
         ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height * 2 - 1
         xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width * 2 - 1
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -192,15 +204,25 @@ class Generator:
         return [{"name": g["name"], "params": list(g["params"]), "lr": lr * (g["lr"] / DEFAULT_LR)}
                 for g in self.groups]
 
+    needs_cameras = False  # 3D generators render from cameras the loop draws (guidance/cameras.py)
+
     def render(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def latents(self, model) -> torch.Tensor:
-        """Return the latents the losses see: the VAE encoding of the render (of a random view with augment)."""
+    def sample_view(self) -> list[torch.Tensor] | None:
+        """Return this step's view: with augment, a random crop and warp per image (random_views); else None."""
+        return random_views(self.batch, self.rng) if self.augment else None
+
+    def latents(self, model, view=None) -> torch.Tensor:
+        """Return the latents the losses see: the VAE encoding of the render (seen through `view`, if any)."""
         imgs = self.render()
-        if self.augment and torch.is_grad_enabled():
-            imgs = random_view(imgs, self.rng)
+        if view is not None:
+            imgs = apply_views(imgs, view)
         return model.encode_imgs(self._to_output_size(imgs), requires_grad=True)
+
+    def regularization(self) -> float | torch.Tensor:
+        """Return what this generator adds to the run's scaled loss (nothing for a 2D generator)."""
+        return 0.0
 
     def _to_output_size(self, imgs: torch.Tensor) -> torch.Tensor:
         if tuple(imgs.shape[-2:]) == self.output_size:
@@ -259,7 +281,7 @@ class LatentGenerator(Generator):
         self.theta = init_latents.requires_grad_(True)
         self.groups = [{"name": "latents", "params": [self.theta], "lr": DEFAULT_LR}]
 
-    def latents(self, model) -> torch.Tensor:
+    def latents(self, model, view=None) -> torch.Tensor:
         """Return the latents: the parameter itself."""
         return self.theta
 
@@ -370,10 +392,6 @@ class GaussianGenerator(Generator):
 
     def save(self, save_dir, name: str) -> list[Path]:
         """Write <save_dir>/<name>.gaussians.pt: every image's Gaussians in image units; return its path."""
-        import io
-
-        from utils import atomic_write_bytes
-
         with torch.no_grad():
             state = [{k: v.detach().cpu() for k, v in self.constrained(i).items()} for i in range(self.batch)]
         buffer = io.BytesIO()
@@ -490,8 +508,6 @@ class VectorGenerator(Generator):
 
     def save(self, save_dir, name: str) -> list[Path]:
         """Write <save_dir>/<name>.svg (image 0; others to <name>/particles/particle_i.svg); return the paths."""
-        from utils import atomic_write_bytes
-
         paths = []
         for i in range(self.batch):
             path = Path(save_dir) / (f"{name}.svg" if i == 0 else f"{name}/particles/particle_{i}.svg")
@@ -600,28 +616,25 @@ def build_generator(name: str, model, batch: int = 1, render_size: int | None = 
     return gen
 
 
-def check_args(args) -> None:
-    """Check main.py's generator flags (before any model loads); a flag of another generator is an error."""
-    from utils import UserError
-
-    name = getattr(args, "generator", "latent")
+def check_config(config) -> None:
+    """Check a run configuration's generator settings (before any model loads); a flag of another generator is an error."""
+    name = config.generator
     owners = {"render_size": ("pixels", "gaussians", "vector"), "num_shapes": ("gaussians", "vector"),
               "pixel_size": ("pixels",), "augment": ("pixels", "gaussians", "vector")}
     for flag, generators in owners.items():
-        value = getattr(args, flag, None)
+        value = getattr(config, flag, None)
         if value not in (None, False) and name not in generators:
             raise UserError(f"--{flag} is for --generator {' / '.join(generators)}, not {name}: drop it or choose "
                             f"one of those generators")
     for flag, low, high in (("render_size", 8, 4096), ("num_shapes", 1, 100_000), ("pixel_size", 1, 4096)):
-        value = getattr(args, flag, None)
+        value = getattr(config, flag, None)
         if value is not None and not low <= value <= high:
             raise UserError(f"--{flag} {value} must be between {low} and {high}")
 
 
-def from_args(args, model, latents: torch.Tensor, fit_latents: torch.Tensor | None = None) -> Generator:
-    """Return main.py's generator: args.generator over main.py's starting latents (see build_generator)."""
-    return build_generator(getattr(args, "generator", "latent"), model, latents.shape[0],
-                           render_size=getattr(args, "render_size", None),
-                           num_shapes=getattr(args, "num_shapes", None) or DEFAULT_NUM_SHAPES, seed=args.seed,
-                           init_latents=latents, fit_latents=fit_latents, augment=getattr(args, "augment", False),
-                           pixel_size=getattr(args, "pixel_size", None), fit_steps=FIT_STEPS)
+def from_config(config, model, latents: torch.Tensor, fit_latents: torch.Tensor | None = None) -> Generator:
+    """Return a run's generator: config.generator over the run's starting latents (see build_generator)."""
+    return build_generator(config.generator, model, latents.shape[0], render_size=config.render_size,
+                           num_shapes=config.num_shapes or DEFAULT_NUM_SHAPES, seed=config.seed,
+                           init_latents=latents, fit_latents=fit_latents, augment=config.augment,
+                           pixel_size=config.pixel_size, fit_steps=FIT_STEPS)

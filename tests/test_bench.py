@@ -146,14 +146,14 @@ def test_variants_time_the_floor_and_sds_of_each(tiny_sd_dir):
 
 
 def test_split_loop_takes_logging_off_from_the_steps_that_did_not_log():
-    run = {"samples_s": [3.0, 1.0, 1.2, 0.9, 5.0, 1.1], "floor_s": 1.0, "floor_samples_s": [1.0] * 6}
-    loops = bench.split_loop(run, 4)  # steps 0 and 4 log
+    run = {"samples_s": [3.0, 1.0, 1.2, 0.9, 5.0, 1.1, 4.0], "floor_s": 1.0, "floor_samples_s": [1.0] * 7}
+    loops = bench.split_loop(run, 4)  # steps 0 and 4 log, and the last one (6): main.run logs the final step too
     assert loops["main_loop_nolog"]["samples_s"] == [1.0, 1.2, 0.9, 1.1]
     assert loops["main_loop_nolog"]["time_s"] == pytest.approx(1.05)
-    assert loops["main_loop"]["time_s"] == pytest.approx(1.05 + ((3.0 - 1.05) + (5.0 - 1.05)) / 2 / 4)
-    assert bench.split_loop(run, 0)["main_loop"]["time_s"] == pytest.approx(1.15)  # logging off: the median
+    assert loops["main_loop"]["time_s"] == pytest.approx(1.05 + ((3.0 - 1.05) + (5.0 - 1.05) + (4.0 - 1.05)) / 3 / 4)
+    assert bench.split_loop(run, 0)["main_loop"]["time_s"] == pytest.approx(1.2)  # logging off: the median
     only_logging = bench.split_loop(run, 1)  # every step logs: no figure without logging from this run
-    assert set(only_logging) == {"main_loop"} and only_logging["main_loop"]["time_s"] == pytest.approx(1.15)
+    assert set(only_logging) == {"main_loop"} and only_logging["main_loop"]["time_s"] == pytest.approx(1.2)
 
 
 def test_methods_mode_times_every_method_against_the_unet_calls_it_made(tiny_sd_dir):

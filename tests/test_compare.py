@@ -12,7 +12,7 @@ from PIL import Image
 import eval as evaluation
 import main
 import run_all
-from guidance.toy import TEMPLATES, Template, image_metrics, patch_mean, render_source, render_template
+from guidance.toy import TEMPLATES, Template, ToyDiffusion, image_metrics, patch_mean, render_source, render_template
 from utils import UserError
 
 
@@ -142,7 +142,7 @@ def test_comparison_summarises_exactly_what_eval_json_says(tmp_path):
     assert run_all.main(argv) == 0
     rows = json.loads((out / "comparison.json").read_text())
     assert [r["task"] for r in rows] == ["ddim", "sds", "dds", "sds_edit"]
-    prompts = json.loads((run_all.TOY_PROMPTS).read_text())
+    prompts = json.loads((ToyDiffusion.prompts_file).read_text())
     for row in rows:
         values = []
         for seed in (0, 1):

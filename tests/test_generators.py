@@ -15,7 +15,7 @@ from PIL import Image
 
 import main
 import guidance.generators as generators
-from guidance.generators import GENERATORS, build_generator, composite, random_view
+from guidance.generators import GENERATORS, apply_views, build_generator, composite, random_views
 from guidance.toy import ToyDiffusion, from_pil, nearest_template
 from utils import UserError, pil_to_torch
 
@@ -118,9 +118,9 @@ def test_svg_paints_what_the_render_shows(toy):
 
 def test_random_view_without_crop_or_distortion_is_the_identity_and_views_differ(toy):
     imgs = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    same = random_view(imgs, torch.Generator().manual_seed(1), crop_area=(1.0, 1.0), distortion=0.0)
+    same = apply_views(imgs, random_views(2, torch.Generator().manual_seed(1), crop_area=(1.0, 1.0), distortion=0.0))
     torch.testing.assert_close(same, imgs, atol=1e-5, rtol=0)
-    view = random_view(imgs, torch.Generator().manual_seed(1))
+    view = apply_views(imgs, random_views(2, torch.Generator().manual_seed(1)))
     assert view.shape == imgs.shape and (view - imgs).abs().mean() > 0.05
     view.sum().backward()
     assert imgs.grad.abs().sum() > 0
@@ -212,9 +212,12 @@ def test_bad_generator_flags_fail_before_loading(tmp_path, flags, fragment):
         main.parse_args(["--model", "toy", "--prompt", "a red circle", "--save_dir", str(tmp_path)] + flags)
 
 
-def test_generator_names_are_the_clis():
+def test_generator_names_are_the_clis(tmp_path):
     assert GENERATORS == ("latent", "pixels", "gaussians", "vector")
-    assert main.build_parser().parse_args(["--prompt", "x"]).generator == "latent"
+    config = main.parse_args(["--model", "toy", "--prompt", "a red circle", "--save_dir", str(tmp_path)])
+    assert config.generator == "latent"
+    choices = next(a for a in main.build_parser()._actions if a.dest == "generator").choices
+    assert tuple(choices) == GENERATORS
 
 
 def test_bench_reports_every_generator_against_the_floor(tiny_sd_dir, capsys):

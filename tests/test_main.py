@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import guidance.loop
 import main
 from utils import UserError, load_image, run_cli
 
@@ -107,7 +108,7 @@ def test_nan_loss_stops_and_keeps_last_finite_image(tiny_sd, tmp_path, monkeypat
 
 def test_a_nan_inside_a_read_window_keeps_the_windows_first_latents(tiny_sd, tmp_path, monkeypatch):
     # On a GPU main.py reads losses once per window (LOSS_READ_EVERY); here windows of 4 steps on the CPU.
-    monkeypatch.setattr(main, "LOSS_READ_EVERY", {"cpu": 4, "default": 4})
+    monkeypatch.setattr(guidance.loop, "LOSS_READ_EVERY", {"cpu": 4, "default": 4})
 
     def args(save_dir, steps):
         return main.parse_args(["--prompt", "a cat", "--step", str(steps), "--log_step", "0",

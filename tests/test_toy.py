@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import guidance.loop
 import main
 from guidance import losses
 from guidance.sd import ScoreDistillation
@@ -321,7 +322,7 @@ def test_3_pds_recolours_and_keeps_the_identity_that_sds_erases(model, tmp_path,
 
     # Control: SDS with the target prompt, started from the source image (main.run starts SDS from noise).
     source = model.encode_imgs(pil_to_torch(load_image(SOURCE)))
-    monkeypatch.setattr(main, "initial_latents", lambda model, args, run_dir: (source.clone(), None))
+    monkeypatch.setattr(guidance.loop, "initial_latents", lambda model, config, folder: (source.clone(), None))
     for seed in CONTROL_SEEDS:
         latents = distil(model, tmp_path, "--prompt", "a blue circle", "--loss_type", "sds", "--guidance_scale",
                          "7.5", "--step", "200", seed=seed)[1]
@@ -431,7 +432,8 @@ def test_cli_runs_sds_pds_and_vsd_offline(tmp_path, monkeypatch):
     done = run_cli(tmp_path, "--prompt", "a red circle", "--loss_type", "sds", "--step", "30", "--log_step", "10")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "a_red_circle.png").is_file()
-    assert len(list((tmp_path / "a_red_circle" / "progress").glob("step_*.png"))) == 3
+    # every 10th step and the last one (29): a progress strip ends with the run's final step
+    assert len(list((tmp_path / "a_red_circle" / "progress").glob("step_*.png"))) == 4
     # PDS and VSD through main.main in this process (a subprocess each would only re-import torch).
     monkeypatch.chdir(ROOT)  # the prompt set's img_path is relative to the repository root
     entry = prompt_set()["a_green_square"]

@@ -5,12 +5,14 @@ References are written here from the papers' equations with the independently lo
 of tests/reference.py (fixtures in conftest.py), never through guidance/; both sides run in float64.
 """
 import json
+from pathlib import Path
 import math
 
 import pytest
 import torch
 
 import main
+from utils import UserError
 from guidance.core import TimestepSchedule
 from guidance.methods import METHODS
 from guidance.schedule import NoiseSchedule
@@ -318,7 +320,7 @@ def method_argv(name, save_dir):
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m not in ("sds", "pds", "vsd")])
 def test_every_method_runs_from_the_cli_on_a_tiny_sd_and_the_toy(tiny_sd_dir, tmp_path, name, monkeypatch):
-    monkeypatch.chdir(main.Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     for model in (str(tiny_sd_dir), "toy"):
         out = tmp_path / ("sd" if model != "toy" else "toy")
         assert main.main(["--model", model, "--device", "cpu", "--step", "3", *method_argv(name, out)]) == 0
@@ -339,7 +341,7 @@ def test_every_method_runs_from_the_cli_on_a_tiny_sd_and_the_toy(tiny_sd_dir, tm
 ])
 def test_bad_method_flags_fail_before_any_model_loads(tmp_path, argv, words, monkeypatch):
     monkeypatch.setattr(main, "build_model", lambda args: pytest.fail("a model was loaded"))
-    with pytest.raises(main.UserError) as err:
+    with pytest.raises(UserError) as err:
         main.parse_args(["--model", "toy", "--prompt", "a red circle", "--save_dir", str(tmp_path), *argv])
     assert words in str(err.value)
 
@@ -351,7 +353,7 @@ def test_paper_defaults_fill_in_and_explicit_flags_win(tmp_path):
     ism = main.parse_args(base + ["--loss_type", "ism", "--weighting", "uniform", "--inversion_steps", "2"])
     assert (ism.weighting, ism.t_schedule, ism.inversion_steps, ism.ism_delta_t) == ("uniform", "anneal", 2, 80)
     dds = main.parse_args(base + ["--loss_type", "dds", "--edit_prompt", "a blue circle", "--src_img_path", SRC_IMG])
-    assert dds.t_range == [0.05, 0.95] and dds.step == 200
+    assert dds.t_range == (0.05, 0.95) and dds.step == 200
     sds = main.parse_args(base + ["--loss_type", "sds"])
     assert (sds.weighting, sds.guidance_scale, sds.step, sds.asd_ratio) == ("uniform", 25.0, 500, None)
 

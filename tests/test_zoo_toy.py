@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import main
+from pathlib import Path
+
 from guidance import losses
+from guidance.methods import METHODS
 from guidance.toy import Template, ToyDiffusion, nearest_template
 
 SOURCE = "data/toy_imgs/a_red_circle.png"  # a red circle at the centre, white patch top left
@@ -27,12 +30,12 @@ def model():
 @pytest.fixture
 def run(model, tmp_path, monkeypatch):
     """Return a function: (method, seed, *flags) -> final latents [3, 64, 64] of `main.py --model toy`."""
-    monkeypatch.chdir(main.Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
 
     def distil(method, seed, *flags, prompt="a red circle"):
         argv = ["--model", "toy", "--prompt", prompt, "--loss_type", method, "--seed", str(seed), "--save_dir",
                 str(tmp_path), "--log_step", "0", "--device", "cpu", *flags]
-        if main.METHODS[method].edits:
+        if METHODS[method].edits:
             argv += ["--edit_prompt", "a blue circle", "--src_img_path", SOURCE]
         result = main.run(model, main.parse_args(argv), progress=False)
         assert result.status == "finished"
