@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """Return a folder holding a tiny random-weight SD (unet, vae, text_encoder, tokenizer, scheduler)."""
-    from guidance.random_sd import build_random_sd
+    from benchmarks.random_sd import build_random_sd
 
     return build_random_sd(tmp_path_factory.mktemp("tiny_sd") / "sd", "tiny", seed=0)
 

@@ -9,6 +9,8 @@ import statistics
 import pytest
 
 import bench
+from benchmarks.full import format_table, split_loop
+from benchmarks.memory import MEMORY_STEPS
 from utils import UserError, run_cli
 
 ROUND_FIGURES = ("floor_b2", "sds", "floor_b4", "pds", "vsd", "vsd_shared", "lora_forward", "lora_train")
@@ -92,7 +94,7 @@ def test_memory_and_targets_are_consistent(result):
 
 
 def test_table_names_every_figure(result):
-    table = bench.format_table(result)
+    table = format_table(result)
     for figure in result["figures"].values():
         assert figure["label"] in table
     assert "--log_step 2" in table
@@ -147,12 +149,12 @@ def test_variants_time_the_floor_and_sds_of_each(tiny_sd_dir):
 
 def test_split_loop_takes_logging_off_from_the_steps_that_did_not_log():
     run = {"samples_s": [3.0, 1.0, 1.2, 0.9, 5.0, 1.1, 4.0], "floor_s": 1.0, "floor_samples_s": [1.0] * 7}
-    loops = bench.split_loop(run, 4)  # steps 0 and 4 log, and the last one (6): main.run logs the final step too
+    loops = split_loop(run, 4)  # steps 0 and 4 log, and the last one (6): main.run logs the final step too
     assert loops["main_loop_nolog"]["samples_s"] == [1.0, 1.2, 0.9, 1.1]
     assert loops["main_loop_nolog"]["time_s"] == pytest.approx(1.05)
     assert loops["main_loop"]["time_s"] == pytest.approx(1.05 + ((3.0 - 1.05) + (5.0 - 1.05) + (4.0 - 1.05)) / 3 / 4)
-    assert bench.split_loop(run, 0)["main_loop"]["time_s"] == pytest.approx(1.2)  # logging off: the median
-    only_logging = bench.split_loop(run, 1)  # every step logs: no figure without logging from this run
+    assert split_loop(run, 0)["main_loop"]["time_s"] == pytest.approx(1.2)  # logging off: the median
+    only_logging = split_loop(run, 1)  # every step logs: no figure without logging from this run
     assert set(only_logging) == {"main_loop"} and only_logging["main_loop"]["time_s"] == pytest.approx(1.2)
 
 
@@ -190,7 +192,7 @@ def test_memory_mode_gives_each_part_and_each_step_of_a_family(tmp_path):
 
     from diffusers import UNet2DConditionModel
 
-    from guidance.random_sd import build_random_sd
+    from benchmarks.random_sd import build_random_sd
 
     folder = build_random_sd(tmp_path / "sdxl", "tiny-sdxl")
     out = io.StringIO()
@@ -203,7 +205,7 @@ def test_memory_mode_gives_each_part_and_each_step_of_a_family(tmp_path):
     unet_bytes = sum(t.numel() * t.element_size() for t in list(unet.parameters()) + list(unet.buffers()))
     assert result["weights_mb"]["unet"] == pytest.approx(unet_bytes / 1e6, rel=1e-9)
     memory = result["memory"]
-    assert set(memory["added_mb"]) == set(memory["first_step_s"]) == set(bench.MEMORY_STEPS)
+    assert set(memory["added_mb"]) == set(memory["first_step_s"]) == set(MEMORY_STEPS)
     assert all(math.isfinite(mb) and mb >= 0 for mb in memory["added_mb"].values())
     assert all(s > 0 for s in memory["first_step_s"].values()) and memory["loaded_mb"] > 0
 

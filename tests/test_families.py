@@ -1,6 +1,6 @@
 """Every Stable Diffusion family through the same losses: SD 2.x with v-prediction, SDXL and SD 3 (rectified flow).
 
-Tiny random-weight pipelines are built from configs (guidance/random_sd.py: the diffusers pipeline's own
+Tiny random-weight pipelines are built from configs (benchmarks/random_sd.py: the diffusers pipeline's own
 save_pretrained, so model_index.json is what the hub's folders have) and loaded through the user's path,
 `StableDiffusion(folder)`. The reference side loads the same folder as the diffusers pipeline, independently, and
 uses only its `encode_prompt`, its denoiser and, for SDXL, its `_get_add_time_ids`; the noise path, the output ->
@@ -19,7 +19,7 @@ import main
 import run_all
 from guidance.common import UserError
 from guidance.methods import METHODS, run_prompts
-from guidance.random_sd import build_random_sd
+from benchmarks.random_sd import build_random_sd
 from guidance.schedule import NoiseSchedule, RectifiedFlow
 from guidance.sd import StableDiffusion
 from reference import ReferenceSchedule

@@ -71,7 +71,7 @@ def record(names: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "tests"))
     import conftest  # noqa: F401 (offline mode, one thread)
-    from guidance.random_sd import build_random_sd
+    from benchmarks.random_sd import build_random_sd
 
     PINNED.mkdir(parents=True, exist_ok=True)
     path = PINNED / "losses.json"
