@@ -142,21 +142,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", nargs="*", default=None, help="names of VARIANTS (default: all)")
-    parser.add_argument("--gif", default=None, help="write the first variant's turntable GIF (60 frames, 128 px) here")
+    parser.add_argument("--gif", default=None, help="write the cube's turntable GIF (60 frames, 128 px) here instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from guidance.toy3d import Toy3DDiffusion
 
     model = Toy3DDiffusion()
     if args.gif:
+        import tempfile
         from pathlib import Path
 
         from guidance.export import write_turntable
 
         gen = distil(model, CUBE, args.steps)
-        gif = Path(args.gif)
-        write_turntable(lambda c: gen.render_rgba(c, 128), turntable(60, distance=1.75, fovy=55.0),
-                        gif.parent / (gif.stem + "_frames"), gif)
+        with tempfile.TemporaryDirectory() as frames:
+            write_turntable(lambda c: gen.render_rgba(c, 128), turntable(60, distance=1.75, fovy=55.0), frames,
+                            Path(args.gif))
         print(f"wrote {gif}")
         return 0
     variants = VARIANTS if args.variants is None else {name: VARIANTS[name] for name in args.variants}

@@ -11,7 +11,7 @@ sphere, where renderers never look), extracts the isosurface by marching cubes (
 stem.obj (trimesh) with vertex colours, in the world frame of guidance/cameras.py (z up; glTF viewers assume y up
 and show the object lying on its back). The threshold 'auto' is threestudio's: the mean of the grid's densities
 above 1e-5. A field with no surface at the threshold raises UserError naming its largest density: never an empty
-file. Every file is written atomically.
+file; so does a field with non-finite densities. Every file is written atomically.
 """
 from __future__ import annotations
 
@@ -99,6 +99,10 @@ def extract_mesh(density: Callable[[torch.Tensor], torch.Tensor], resolution: in
     import mcubes
 
     grid = density_grid(density, resolution, device)
+    bad = int((~torch.isfinite(grid)).sum())
+    if bad:
+        raise UserError(f"the field has {bad} non-finite densities (the optimisation diverged): no mesh written; "
+                        f"resume from an earlier checkpoint (nerf.pt)")
     level = auto_threshold(grid) if threshold == "auto" else float(threshold)
     peak = float(grid.max())
     if not peak > level:

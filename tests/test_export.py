@@ -155,12 +155,14 @@ def test_auto_threshold_is_the_mean_of_the_occupied_densities():
     assert 0 < level < 60 and len(vertices) > 0
 
 
-def test_an_empty_field_is_a_clear_error_and_writes_no_file(tmp_path):
+def test_an_empty_or_diverged_field_is_a_clear_error_and_writes_no_file(tmp_path):
     empty = BoxField(peak=0.0)
     with pytest.raises(UserError, match="empty"):
         export_mesh(empty.density, lambda p: torch.zeros(p.shape[0], 3), tmp_path / "empty")
     with pytest.raises(UserError, match="largest density is 60"):
         extract_mesh(BoxField().density, resolution=24, threshold=100.0)
+    with pytest.raises(UserError, match="non-finite"):
+        extract_mesh(lambda p: torch.where(p[:, 0] > 0.5, torch.nan, 1.0), resolution=16)
     assert not list(tmp_path.iterdir())
     gen = generator(empty, turntable_frames=2, turntable_size=16, mesh_resolution=24)
     with pytest.warns(UserWarning, match="no mesh written for empty: the field is empty"):

@@ -150,3 +150,23 @@ def test_scorer_grades_front_views(world):
     # Mutant caught: a scorer that snaps (sigma 0.5: noise scores 0) or ignores the front (plain cube scores high).
     assert scores[0] > 0.95 and scores[1] < 1e-3 and scores[3] > 0.95
     assert 1e-3 < scores[2] < 0.1
+
+
+def test_every_loss_runs_in_the_toy_3d_world_with_one_cond_row_per_view(small):
+    # VSD's LoRA (the ToyUNet residual), ISM / SDI's inversion under "" and NFSD's null row must all take the
+    # prior embeddings; the cond rows here differ per view, as view prompts make them.
+    latents = (render_object(Object3D("cube", "red", "yellow"), SMALL.cameras()[0], 16)[:3] * 2 - 1)[None]
+    latents = latents.repeat(2, 1, 1, 1).requires_grad_(True)
+    cond = torch.cat([small.get_text_embeds("a red cube with a yellow front, front view"),
+                      small.get_text_embeds("a red cube with a yellow front, back view")])
+    embeddings = torch.cat([small.get_text_embeds("").expand(2, -1), cond])
+    for name in ("sds", "vsd", "nfsd", "csd", "asd", "ism", "sdi", "bridge"):
+        loss = getattr(small, f"get_{name}_loss")(latents, embeddings, guidance_scale=7.5, t=300)
+        (grad,) = torch.autograd.grad(loss, latents)
+        assert torch.isfinite(grad).all() and grad.shape == latents.shape, name
+    assert small.last_lora_loss is not None
+    small.reset_lora()
+    # At a template of the front view's mixture, SDS pulls the back view's row away from it, not the front's.
+    small.get_sds_loss(latents, embeddings, guidance_scale=1.0, t=50, noise=torch.zeros_like(latents))
+    pull = small.last_guidance["grad"].abs().mean((1, 2, 3))
+    assert pull[1] > 10 * pull[0]
