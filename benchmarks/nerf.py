@@ -124,7 +124,8 @@ class HashGrid(torch.nn.Module):
         frac = grid - lower
         index = lower[:, :, None, :] + self.corners[None, None]  # [N, L, 8, 3]
         hashed = [index[..., axis] * prime for axis, prime in enumerate(self.PRIMES)]
-        slot = (hashed[0] ^ hashed[1] ^ hashed[2]) % self.size + torch.arange(self.levels, device=points.device)[:, None] * self.size
+        level_start = torch.arange(self.levels, device=points.device)[:, None] * self.size
+        slot = (hashed[0] ^ hashed[1] ^ hashed[2]) % self.size + level_start
         corner = self.corners.bool()[None, None]
         weight = torch.where(corner, frac[:, :, None, :], 1 - frac[:, :, None, :]).prod(-1)  # [N, L, 8]
         features = self.table.index_select(0, slot.reshape(-1)).view(*weight.shape, -1)

@@ -131,8 +131,8 @@ def format(rows: list[dict], steps: int) -> str:
              "", "| variant | seed | s | IoU | colour error | yellow front | yellow back |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['seconds']:.0f} | {r['iou']:.3f} | {r['colour_error']:.3f} | "
-                     f"{r['yellow_front']:.3f} | {r['yellow_back']:.3f} |")
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['seconds']:.0f} | {r['iou']:.3f} | "
+                     f"{r['colour_error']:.3f} | {r['yellow_front']:.3f} | {r['yellow_back']:.3f} |")
     return "\n".join(lines)
 
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as frames:
             write_turntable(lambda c: gen.render_rgba(c, 128), turntable(60, distance=1.75, fovy=55.0), frames,
                             Path(args.gif))
-        print(f"wrote {gif}")
+        print(f"wrote {args.gif}")
         return 0
     variants = VARIANTS if args.variants is None else {name: VARIANTS[name] for name in args.variants}
     print(format(janus_table(model, args.steps, args.seeds, variants), args.steps))

@@ -122,7 +122,7 @@ def extract_mesh(density: Callable[[torch.Tensor], torch.Tensor], resolution: in
 
 def export_mesh(density: Callable[[torch.Tensor], torch.Tensor], colour: Callable[[torch.Tensor], torch.Tensor],
                 stem, resolution: int = 128, threshold="auto", device=None) -> list[Path]:
-    """Return [stem.glb, stem.obj] after writing the isosurface of density with vertex colours colour(points) in [0, 1]."""
+    """Return [stem.glb, stem.obj] after writing density's isosurface with vertex colours colour(points) in [0, 1]."""
     import trimesh
 
     vertices, faces, _ = extract_mesh(density, resolution, threshold, device)

@@ -16,12 +16,13 @@ distribution of the stratified samples' weights (inverse CDF; NeRF's hierarchica
 stratified samples are evaluated once, without gradients (they propose, and they are rendered); the importance
 samples carry the gradients, so a step's backward costs `importance` samples per ray. All are merged in depth order
 and composited with midpoint intervals (each sample owns the stretch between its neighbours' midpoints)
-    alpha_i = 1 - exp(-sigma_i delta_i),  w_i = alpha_i prod_{j<i} (1 - alpha_j),  C = sum_i w_i c_i + (1 - sum_i w_i) bg,
-so that a constant density integrates to within half a stratified bin per boundary (tests/test_nerf.py). Shading (DreamFusion, sec. 3.1): 'albedo'
-(c = rho), 'lambertian' (c = rho (0.1 + 0.9 max(0, n . l))), 'textureless' (the same with rho = 1), with normals
-n = -grad sigma / |grad sigma| (autograd) and a point light drawn around the camera every step; 'random' is
-threestudio's schedule: albedo for the first `albedo_steps` steps, then per step albedo (p = 0.25), lambertian
-or textureless (p = 0.375 each).
+    alpha_i = 1 - exp(-sigma_i delta_i),   w_i = alpha_i prod_{j<i} (1 - alpha_j),
+    C = sum_i w_i c_i + (1 - sum_i w_i) bg,
+so that a constant density integrates to within half a stratified bin per boundary (tests/test_nerf.py).
+Shading (DreamFusion, sec. 3.1): 'albedo' (c = rho), 'lambertian' (c = rho (0.1 + 0.9 max(0, n . l))),
+'textureless' (the same with rho = 1), with normals n = -grad sigma / |grad sigma| (autograd) and a point light
+drawn around the camera every step; 'random' is threestudio's schedule: albedo for the first `albedo_steps`
+steps, then per view albedo (p = 0.25), lambertian or textureless (p = 0.375 each).
 
 Regularisers (regularization(), on the last render, in the units of main.py's scaled loss, LOSS_SCALE x loss;
 each a sum over a view's pixels, averaged over the views): orientation (DreamFusion / Ref-NeRF: sum_i w_i
@@ -60,7 +61,7 @@ LIGHT_DISTANCE = (0.8, 1.5)  # threestudio's "dreamfusion" light: around the cam
 TURNTABLE_FRAMES = 60
 DEFAULTS = dict(render_size=DEFAULT_RENDER_SIZE, samples=48, importance=16, grid_resolution=64, grid_channels=16,
                 hidden=64, shading="random", background="random", lrs={})
-CHUNK_RAYS = 8192  # rays per chunk of a no-grad render (turntable, image): ~100 MB of samples at 96 per ray
+CHUNK_RAYS = 8192  # rays per chunk of a no-grad render (turntable, image): ~0.5 GB peak (benchmarks/nerf.py, 128^2)
 
 
 class TriplaneField(nn.Module):
@@ -242,7 +243,10 @@ class NerfGenerator(Generator):
         given = dict(render_size=render_size, samples=samples, importance=importance, grid_resolution=grid_resolution,
                      grid_channels=grid_channels, hidden=hidden, shading=shading, background=background, lrs=lrs)
         # An option not given comes from the model's nerf_defaults (the toy 3D world's), else from DEFAULTS.
-        options = {**DEFAULTS, **getattr(model, "nerf_defaults", {}), **{k: v for k, v in given.items() if v is not None}}
+        options = {**DEFAULTS, **getattr(model, "nerf_defaults", {}),
+                   **{k: v for k, v in given.items() if v is not None}}
+        if latent_render and shading is None:
+            options["shading"] = "albedo"  # latent channels cannot be shaded
         shading, background = options["shading"], options["background"]
         if int(batch) != 1:
             raise UserError(f"--batch {batch}: the NeRF generator optimises one object; use --views_per_step for "
@@ -332,7 +336,8 @@ class NerfGenerator(Generator):
     def _light(self, camera: Camera) -> torch.Tensor:
         """Return a random point light around the camera (threestudio's 'dreamfusion' light sampling)."""
         direction = F.normalize(camera.position().float() + torch.randn(3, generator=self.rng), dim=0)
-        distance = LIGHT_DISTANCE[0] + (LIGHT_DISTANCE[1] - LIGHT_DISTANCE[0]) * float(torch.rand((), generator=self.rng))
+        near, far = LIGHT_DISTANCE
+        distance = near + (far - near) * float(torch.rand((), generator=self.rng))
         return (direction * distance).to(self.device)
 
     def _background_colour(self, training: bool, background: tuple | None) -> torch.Tensor | None:

@@ -32,12 +32,10 @@ Building the maps takes ~2 s (cached per process).
 from __future__ import annotations
 
 import functools
-import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -67,8 +65,10 @@ QUALITY_WORDS = frozenset("""low high quality detailed resolution sharp oversatu
 hazy blurry bad structure noisy malformed""".split())
 ARTICLES = ("a", "an", "the")
 VOCABULARY = (f"\"a <colour> <shape>\" or \"a <colour> <shape> with a <colour> front\", colours {', '.join(COLOURS)}, "
-              f"shapes {', '.join(SHAPES)}, optionally followed by \", front view\" / \", side view\" / \", back view\"")
-DEFAULT_PROMPTS = ("a red cube with a yellow front", "a blue sphere", "a green cube", "a yellow sphere with a red front")
+              f"shapes {', '.join(SHAPES)}, optionally followed by \", front view\" / \", side view\" / "
+              f"\", back view\"")
+DEFAULT_PROMPTS = ("a red cube with a yellow front", "a blue sphere", "a green cube",
+                   "a yellow sphere with a red front")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ class ViewGrid:
         def centres(pair, n):
             return [pair[0] + (pair[1] - pair[0]) * (i + 0.5) / n for i in range(n)]
         azimuths = [wrap_azimuth(360.0 * k / self.azimuths) for k in range(self.azimuths)]
-        return [Camera(el, az, d, f) for f in centres(self.fovy, self.fovys) for d in centres(self.distance, self.distances)
+        return [Camera(el, az, d, f) for f in centres(self.fovy, self.fovys)
+                for d in centres(self.distance, self.distances)
                 for el in centres(self.elevation, self.elevations) for az in azimuths]
 
     def ranges(self) -> CameraRanges:
@@ -173,7 +174,8 @@ def _maps(shape: str, origins: torch.Tensor, directions: torch.Tensor, supersamp
 def render_object(obj: Object3D, camera: Camera, size: int = SIZE, supersample: int = SUPERSAMPLE) -> torch.Tensor:
     """Return the true object's [4, H, W] float32 RGBA render at camera, in [0, 1] (alpha = coverage), on black."""
     body, front, alpha = shape_maps(obj.shape, [camera], size, supersample)[0]
-    rgb = body * torch.tensor(COLOURS[obj.colour]).view(3, 1, 1) + front * torch.tensor(COLOURS[obj.front]).view(3, 1, 1)
+    colour, front_colour = (torch.tensor(COLOURS[name]).view(3, 1, 1) for name in (obj.colour, obj.front))
+    rgb = body * colour + front * front_colour
     return torch.cat([rgb, alpha[None]])
 
 
@@ -342,7 +344,7 @@ class Toy3DDiffusion(ScoreDistillation):
         return len(OBJECTS) * self.n_views
 
     def prompt_prior(self, prompt: str) -> torch.Tensor:
-        """Return the [1, K] float32 prior of a prompt: uniform over its objects x its views (template k = o * V + v)."""
+        """Return the [1, K] float32 prior of a prompt: uniform over its objects x its views (k = o * V + v)."""
         if prompt not in self._prior_cache:
             objects, view = parse_prompt(prompt)
             views = torch.ones(self.n_views, dtype=torch.bool)

@@ -115,7 +115,8 @@ class ViewPrompts:
             raise ValueError("Perp-Neg needs view prompts: build ViewPrompts(prompt, enabled=True)")
         n = len(cameras)
         negatives = [perp_neg_weights(camera) for camera in cameras]
-        neg_rows = [self._view_embedding(model, negatives[i][k][0]) for k in range(NEGATIVES_PER_VIEW) for i in range(n)]
+        neg_rows = [self._view_embedding(model, negatives[i][k][0])
+                    for k in range(NEGATIVES_PER_VIEW) for i in range(n)]
         rows = torch.cat([uncond.expand(n, *uncond.shape[1:]), self.embeddings(model, cameras), torch.cat(neg_rows)])
         weights = torch.tensor([[w for _, w in negs] for negs in negatives], dtype=torch.float32)
         return rows, weights

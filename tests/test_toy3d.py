@@ -69,7 +69,8 @@ def test_unet_is_the_exact_mmse_predictor_of_the_mixture(small, dense_means, t):
 
 def test_prompts_select_objects_and_views():
     assert parse_prompt("a red cube") == ([Object3D("cube", "red", "red")], None)
-    assert parse_prompt("A blue sphere with a yellow front, back view") == ([Object3D("sphere", "blue", "yellow")], "back")
+    blue = Object3D("sphere", "blue", "yellow")
+    assert parse_prompt("A blue sphere with a yellow front, back view") == ([blue], "back")
     assert [str(o) for o in parse_prompt("a cube")[0]] == [f"a {c} cube" for c in COLOURS]
     assert len(parse_prompt("a sphere with a red front")[0]) == 4
     assert parse_prompt("")[0] == list(OBJECTS) and parse_prompt("low quality")[0] == list(OBJECTS)

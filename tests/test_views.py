@@ -78,8 +78,8 @@ def test_perp_neg_weights_are_threestudios_shifted_exponentials():
 
 def test_perp_neg_removes_only_the_perpendicular_part_of_each_negative():
     gen = torch.Generator().manual_seed(0)
-    eps_u, eps_p = torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64), torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64)
-    eps_n = torch.randn(2, 3, 4, 5, 5, generator=gen, dtype=torch.float64)
+    eps_u, eps_p, eps_n = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                           for shape in ((3, 4, 5, 5), (3, 4, 5, 5), (2, 3, 4, 5, 5)))
     weights = torch.tensor([[0.5, 1.0], [0.0, 2.0], [1.5, 0.0]], dtype=torch.float64)
     out = perp_neg(eps_u, eps_p, eps_n, weights, 7.5)
     for i in range(3):  # the paper's equation, row by row, with flattened vectors
@@ -109,7 +109,6 @@ class TaggedUNet:
 
 def test_perp_neg_call_is_one_unet_batch_with_documented_rows():
     n, vp = 3, ViewPrompts("a corgi")
-    prompts = vp.prompts() + ["neg"]
     values = {"a corgi, front view": 2.0, "a corgi, side view": 3.0, "a corgi, back view": 5.0, "neg": 7.0}
 
     class Model(TaggedUNet):
