@@ -31,26 +31,32 @@ def moller_trumbore(origins, directions, triangles):
     return t, u, v, det.abs() > 1e-15
 
 
-def reference_raster(vertices, faces, camera, height, width):
-    """Return (face [H*W], bary [H*W, 3], view depth [H*W], ambiguous [H*W] bool) by brute-force ray casting."""
-    origins, directions = camera.rays(height, width, dtype=torch.float64)
-    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
-    t, u, v, ok = moller_trumbore(origins, directions, vertices.double()[faces])
+def ray_cast(origins, directions, triangles):
+    """Return (nearest face [P] or -1, its barycentrics [P, 3], ray distance [P], ambiguous [P] bool) of rays [P, 3]
+    against triangles [F, 3, 3], by brute force in float64."""
+    t, u, v, ok = moller_trumbore(origins.double(), directions.double(), triangles.double())
     margin = torch.minimum(torch.minimum(u, v), 1 - u - v)
     hit = ok & (margin >= 0) & (t > 0)
     depth = torch.where(hit, t, torch.full_like(t, math.inf))
-    two = depth.topk(2, dim=1, largest=False)
+    two = depth.topk(min(2, depth.shape[1]), dim=1, largest=False)
     nearest, face = two.values[:, 0], two.indices[:, 0]
     face = torch.where(torch.isfinite(nearest), face, torch.full_like(face, -1))
     # Ambiguous: a triangle grazed within EDGE of its edge, or the two nearest hits at (almost) the same depth.
     grazed = (ok & (margin.abs() < EDGE) & (t > 0)).any(1)
-    tie = torch.isfinite(two.values[:, 1]) & ((two.values[:, 1] - nearest) < 1e-6 * nearest)
+    second = two.values[:, -1] if depth.shape[1] > 1 else torch.full_like(nearest, math.inf)
+    tie = torch.isfinite(second) & ((second - nearest) < 1e-6 * nearest)
     rows = torch.arange(face.numel())
     uu, vv = u[rows, face.clamp(min=0)], v[rows, face.clamp(min=0)]
-    bary = torch.stack([1 - uu - vv, uu, vv], 1)
+    return face, torch.stack([1 - uu - vv, uu, vv], 1), nearest, grazed | tie
+
+
+def reference_raster(vertices, faces, camera, height, width):
+    """Return (face [H*W], bary [H*W, 3], view depth [H*W], ambiguous [H*W] bool) by casting the camera's pixel rays."""
+    origins, directions = camera.rays(height, width, dtype=torch.float64)
+    directions = directions.reshape(-1, 3)
+    face, bary, distance, ambiguous = ray_cast(origins.reshape(-1, 3), directions, vertices.double()[faces])
     forward = -camera.c2w()[:3, 2]
-    view_depth = nearest * (directions @ forward)
-    return face, bary, view_depth, grazed | tie
+    return face, bary, distance * (directions @ forward), ambiguous
 
 
 def random_soup(generator, count=50):
