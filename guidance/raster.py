@@ -9,12 +9,14 @@ texture. No CUDA extension: it runs wherever PyTorch does.
 Cameras are guidance/cameras.py's (OpenGL axes, pixel centres at (j + 0.5, i + 0.5), fl = H / (2 tan(fovy / 2))),
 or any object with `c2w()` and `focal(height)`: `Pose` is one placed anywhere (a camera in a user's coordinates).
 
-Cost is local: each face only visits the pixel centres inside its projected bounding box, as (face, pixel)
-fragments generated in chunks of at most `fragment_budget`; a chunk's nearest fragment per pixel is kept with one
-scatter-min over a key that packs (float32 depth, face id), so chunks combine in any order and equal depths go to
-the lower face id. Faces are two-sided (no back-face culling: an open mesh shows its inside); a face with a vertex
-closer than NEAR to the camera plane, or behind it, is skipped (there is no clipping; guidance/cameras.py keeps
-cameras outside the unit sphere the mesh lives in, so this never happens there).
+Cost is local: each face only visits the pixel centres inside its projected bounding box. Faces are grouped by
+box shape (sides rounded up to 1, 2, 3, 4, 6, 8, 12, ...), so that a group's (face, pixel) fragments form a dense
+[faces, kh, kw] grid computed by broadcasting per-face numbers, in chunks of at most `fragment_budget` fragments.
+The nearest fragment per pixel is kept by one scatter-max over an int64 key packing (float32 1 / depth, ~face id),
+so chunks combine in any order and equal depths go to the lower face id; the winners' barycentrics and depths are
+then recomputed in float64. Faces are two-sided (no back-face culling: an open mesh shows its inside); a face with
+a vertex closer than NEAR to the camera plane, or behind it, is skipped (there is no clipping; guidance/cameras.py
+keeps cameras outside the unit sphere the mesh lives in, so this never happens there).
 
 UV convention: OBJ's, (0, 0) the texture image's bottom-left corner, v up; the image's row 0 is its top (v = 1).
 """
@@ -28,9 +30,12 @@ import torch
 import torch.nn.functional as F
 
 NEAR = 1e-4  # world units in front of the camera plane
-FRAGMENT_BUDGET = 1_000_000  # (face, pixel) pairs per chunk: ~100 MB of float64 temporaries
-INSIDE_TOLERANCE = 1e-9  # barycentric slack, so that a pixel centre exactly on a shared edge is not missed by both
-_NO_FRAGMENT = torch.iinfo(torch.int64).max
+FRAGMENT_BUDGET = 1_000_000  # (face, pixel) pairs per chunk: ~60 MB of temporaries
+# Barycentric slack (float32 computes them to ~1e-7): a pixel centre on an edge shared by two faces is never
+# missed by both; a silhouette grows by at most 1e-6 of its face.
+INSIDE_TOLERANCE = 1e-6
+_FACE_BITS = 0xFFFFFFFF
+BUCKET_SIDES = tuple(sorted({2 ** k for k in range(15)} | {3 * 2 ** k for k in range(14)}))  # 1, 2, 3, 4, 6, ...
 
 
 @dataclass(frozen=True)
@@ -87,32 +92,38 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, camera, height: int, 
     faces = faces.to(device=device, dtype=torch.int64)
     xy, depth = project(vertices, camera, height, width)
     table, boxes = _face_table(xy, depth, faces, height, width)
-    counts = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    candidates = torch.nonzero(counts > 0).squeeze(1)
-    counts = counts[candidates]
-    best = torch.full((height * width,), _NO_FRAGMENT, dtype=torch.int64, device=device)
-    ends = counts.cumsum(0)
-    start = 0
-    while start < candidates.numel():
-        # As many faces as fit in the budget, and at least one (a face larger than the budget goes alone).
-        offset = int(ends[start - 1]) if start else 0
-        stop = max(start + 1, int(torch.searchsorted(ends, offset + fragment_budget, right=True)))
-        chunk = candidates[start:stop]
-        pixel, face = _fragments(boxes[chunk], chunk, counts[start:stop], width)
-        lam, z = _screen_barycentrics(table, face, pixel, width)
-        inside = (lam >= -INSIDE_TOLERANCE).all(1)
-        # Positive float32 depths order as their int32 bit patterns: (depth bits, face id) in one int64 key.
-        key = (z.float().view(torch.int32).to(torch.int64) << 32) | face
-        best.scatter_reduce_(0, pixel[inside], key[inside], reduce="amin")
-        start = stop
-    covered = torch.nonzero(best != _NO_FRAGMENT).squeeze(1)
+    box_w, box_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    # Faces are grouped by box shape, each side rounded up to 1, 2, 3, 4, 6, 8, 12, ... (at most 1.5x per side
+    # beyond 2): a group's fragments are then a dense [faces, kh, kw] grid, computed by broadcasting per-face
+    # numbers, with no per-fragment gathers.
+    sides = torch.tensor(BUCKET_SIDES, device=device)
+    bucket = torch.searchsorted(sides, box_h) * len(BUCKET_SIDES) + torch.searchsorted(sides, box_w)
+    usable = torch.nonzero((box_w > 0) & (box_h > 0)).squeeze(1)
+    order = usable[torch.argsort(bucket[usable], stable=True)]
+    groups, counts = torch.unique_consecutive(bucket[order], return_counts=True)
+    # float32 per-face numbers, a's position relative to its box corner so that float32 keeps ~1e-7 px.
+    corner = table[:, 0:2] - boxes[:, 0:2].to(table.dtype)
+    local = torch.cat([corner, table[:, 2:]], 1).float()
+    best = torch.full((height * width + 1,), -1, dtype=torch.int64, device=device)  # + 1: a slot for misses
+    first = 0
+    for group, count in zip(groups.tolist(), counts.tolist()):
+        kh, kw = BUCKET_SIDES[group // len(BUCKET_SIDES)], BUCKET_SIDES[group % len(BUCKET_SIDES)]
+        per_chunk = max(1, fragment_budget // (kh * kw))
+        for lo in range(first, first + count, per_chunk):
+            chunk = order[lo:min(lo + per_chunk, first + count)]
+            pixel, key = _dense_fragments(local[chunk], boxes[chunk], chunk, kh, kw, height, width)
+            best.scatter_reduce_(0, pixel.reshape(-1), key.reshape(-1), reduce="amax")
+        first += count
+    best = best[:-1]
+    covered = torch.nonzero(best >= 0).squeeze(1)
     face_id = torch.full((height * width,), -1, dtype=torch.int64, device=device)
-    face_id[covered] = best[covered] & 0xFFFFFFFF
+    face_id[covered] = _FACE_BITS - (best[covered] & _FACE_BITS)
     bary = torch.zeros(height * width, 3, dtype=torch.float32, device=device)
     view_depth = torch.full((height * width,), math.inf, dtype=torch.float32, device=device)
-    lam, z = _screen_barycentrics(table, face_id[covered], covered, width)
-    bary[covered] = _perspective_correct(lam, table[face_id[covered]][:, 6:9]).float()
-    view_depth[covered] = z.float()
+    lam, inv_depth = _screen_barycentrics(table, face_id[covered], covered, width)
+    weighted = lam * inv_depth  # perspective-correct: b_k = (lam_k / z_k) / sum_j lam_j / z_j; depth = 1 / sum
+    bary[covered] = (weighted / weighted.sum(1, keepdim=True)).float()
+    view_depth[covered] = (1.0 / weighted.sum(1)).float()
     return Fragments(face_id.view(height, width), bary.view(height, width, 3), view_depth.view(height, width))
 
 
@@ -143,33 +154,38 @@ def _face_table(xy: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, heig
     return table, boxes
 
 
-def _fragments(boxes: torch.Tensor, face_ids: torch.Tensor, counts: torch.Tensor, width: int):
-    """Return (flat pixel index, face id), both int64 [sum(counts)], of every pixel in each face's box."""
-    local = torch.repeat_interleave(torch.arange(face_ids.numel(), device=boxes.device), counts)
-    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    offset = torch.arange(local.numel(), device=boxes.device) - first
-    box_w = (boxes[:, 2] - boxes[:, 0])[local]
-    cols = boxes[local, 0] + offset % box_w
-    rows = boxes[local, 1] + offset // box_w
-    return rows * width + cols, face_ids[local]
+def _dense_fragments(local: torch.Tensor, boxes: torch.Tensor, face_ids: torch.Tensor, kh: int, kw: int,
+                     height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (pixel index, z-buffer key), both int64 [n, kh, kw], of the faces' kh x kw pixel grids from their
+    box corners; a grid cell outside its face (or its box) gets pixel H * W (the spare slot) and key -1.
+
+    The key packs (float32 1 / depth, ~face id): a larger key is nearer, and at equal depths the lower face id.
+    """
+    ax, ay, e1x, e1y, e2x, e2y, inv_za, inv_zb, inv_zc, inv_area = (c[:, None, None] for c in local.unbind(1))
+    cols = torch.arange(kw, device=local.device)
+    rows = torch.arange(kh, device=local.device)
+    dx = (cols.float() + 0.5)[None, None, :] - ax
+    dy = (rows.float() + 0.5)[None, :, None] - ay
+    lam_b = (dx * e2y - dy * e2x) * inv_area
+    lam_c = (e1x * dy - e1y * dx) * inv_area
+    lam_a = 1.0 - lam_b - lam_c
+    inside = (lam_a >= -INSIDE_TOLERANCE) & (lam_b >= -INSIDE_TOLERANCE) & (lam_c >= -INSIDE_TOLERANCE)
+    x0, y0, x1, y1 = (c[:, None, None] for c in boxes.unbind(1))
+    inside &= (cols[None, None, :] < x1 - x0) & (rows[None, :, None] < y1 - y0)
+    inv_depth = lam_a * inv_za + lam_b * inv_zb + lam_c * inv_zc
+    key = (inv_depth.view(torch.int32).to(torch.int64) << 32) | (_FACE_BITS - face_ids)[:, None, None]
+    pixel = (y0 + rows[None, :, None]) * width + (x0 + cols[None, None, :])
+    return torch.where(inside, pixel, height * width), torch.where(inside, key, -1)
 
 
 def _screen_barycentrics(table: torch.Tensor, face: torch.Tensor, pixel: torch.Tensor, width: int):
-    """Return (float64 [N, 3] screen-space barycentrics of each pixel centre in its face, float64 [N] view depth)."""
+    """Return (float64 [N, 3] screen-space barycentrics of each pixel centre in its face, [N, 3] 1 / vertex depths)."""
     ax, ay, e1x, e1y, e2x, e2y, inv_za, inv_zb, inv_zc, inv_area = table.index_select(0, face).unbind(1)
     dx = (pixel % width).to(torch.float64) + 0.5 - ax
     dy = torch.div(pixel, width, rounding_mode="floor").to(torch.float64) + 0.5 - ay
     lam_b = (dx * e2y - dy * e2x) * inv_area
     lam_c = (e1x * dy - e1y * dx) * inv_area
-    lam = torch.stack([1.0 - lam_b - lam_c, lam_b, lam_c], 1)
-    # 1 / z is affine in screen space: the depth at the pixel is 1 / (sum_k lam_k / z_k).
-    return lam, 1.0 / (lam[:, 0] * inv_za + lam[:, 1] * inv_zb + lam[:, 2] * inv_zc)
-
-
-def _perspective_correct(lam: torch.Tensor, inv_depth: torch.Tensor) -> torch.Tensor:
-    """Return the barycentrics in the face itself from screen-space ones: b_k = (lam_k / z_k) / sum_j lam_j / z_j."""
-    weighted = lam * inv_depth
-    return weighted / weighted.sum(1, keepdim=True)
+    return torch.stack([1.0 - lam_b - lam_c, lam_b, lam_c], 1), torch.stack([inv_za, inv_zb, inv_zc], 1)
 
 
 # ----------------------------------------------------------------------------------------------- texture lookup
