@@ -421,7 +421,7 @@ class MeshGenerator(Generator):
                  generator: torch.Generator | None = None, up: str | None = None, front: str | None = None,
                  uv: str = "auto", max_faces: int = MAX_FACES, shading: str | None = None,
                  background: str | None = None, turntable_frames: int = TURNTABLE_FRAMES,
-                 eval_camera=None, max_cached_views: int = 64):
+                 eval_camera=None, max_cached_views: int = 16):
         if int(batch) != 1:
             raise UserError(f"--batch {batch}: the mesh generator paints one texture; use --batch 1 (more views "
                             f"per step: --views_per_step)")
@@ -435,6 +435,8 @@ class MeshGenerator(Generator):
         if int(turntable_frames) < 1:
             raise UserError(f"--turntable_frames {turntable_frames} must be at least 1")
         texture_size = check_texture_size(texture_size)
+        if texture_param not in TEXTURE_PARAMS:
+            raise UserError(f"--texture_param {texture_param!r}: use one of {', '.join(TEXTURE_PARAMS)}")
         rng = generator if generator is not None else torch.Generator().manual_seed(0)
         super().__init__(model, 1, render_size, False, rng)
         self.mesh = mesh if isinstance(mesh, TexturedMesh) else load_mesh(mesh, up, front, uv, max_faces, texture_size)
@@ -495,12 +497,13 @@ class MeshGenerator(Generator):
 
     @torch.no_grad()
     def render_rgba(self, camera, size: int | None = None, texture: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the [4, H, W] albedo render of a camera with alpha = coverage (1 on the mesh, 0 off it)."""
+        """Return the [4, H, W] albedo render of a camera with alpha = coverage (1 on the mesh, 0 off it); the view
+        is not cached (a turntable's cameras are seen once)."""
         size = size or self.render_size
-        view = self.views(camera, size, size)
+        view = self.views.rasterize(camera, size, size)
         texture = self.texture_image() if texture is None else texture
         rgb = render_view(view, texture, torch.zeros(3, device=self.device))
-        return torch.cat([rgb, view.fragments.mask[None].to(rgb)])
+        return torch.cat([rgb, view.mask()[None].to(rgb)])
 
     def fit(self, target_imgs: torch.Tensor, cameras=None, steps: int = 300, lr: float = DEFAULT_LR) -> float:
         """Return the final MSE after fitting the texture to [B, 3, S, S] albedo renders of the cameras on black."""

@@ -203,21 +203,25 @@ def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class View:
-    """One camera's rasterisation with what a render needs per covered pixel (no gradients)."""
+    """What a render of one camera needs per covered pixel (no gradients): ~28 bytes per covered pixel."""
 
     height: int
     width: int
     pixels: torch.Tensor  # [N] flat indices of the covered pixels
     uv: torch.Tensor  # [N, 2]
     normal: torch.Tensor  # [N, 3] unit, world, turned towards the camera
-    fragments: Fragments
+
+    def mask(self) -> torch.Tensor:
+        """Return the [H, W] float mask: 1 where the mesh covers the pixel, 0 elsewhere."""
+        mask = torch.zeros(self.height * self.width, device=self.pixels.device)
+        return mask.index_fill(0, self.pixels, 1.0).view(self.height, self.width)
 
 
 class ViewCache:
     """Views of one fixed mesh (vertices, faces, per-vertex uv and normals), rasterised once per (camera, H, W)."""
 
     def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, uv: torch.Tensor, normals: torch.Tensor,
-                 max_views: int = 64, fragment_budget: int = FRAGMENT_BUDGET):
+                 max_views: int = 16, fragment_budget: int = FRAGMENT_BUDGET):
         self.vertices, self.faces = vertices.detach(), faces.detach()
         self.uv, self.normals = uv.detach().float(), normals.detach().float()
         self.max_views = int(max_views)
@@ -254,7 +258,7 @@ class ViewCache:
         points = (bary[:, :, None] * self.vertices[corners].float()).sum(1)
         towards_camera = centre - points
         normal = torch.where(((normal * towards_camera).sum(-1, keepdim=True) < 0), -normal, normal)
-        return View(int(height), int(width), pixels, uv, normal, fragments)
+        return View(int(height), int(width), pixels, uv, normal)
 
 
 def render_view(view: View, texture: torch.Tensor, background: torch.Tensor, light: torch.Tensor | None = None,

@@ -370,3 +370,19 @@ def test_sds_and_vsd_paint_the_texture_of_a_mesh_on_tiny_sd(tiny_sd, loss, textu
         optimizer.step()
     assert gen.finite()
     assert float((gen.texture_image().detach() - start).abs().max()) > 1e-3
+
+
+def test_fit_recovers_a_texture_from_its_renders(toy):
+    # Mutants: fit() rendering with the generator's random light and background (the target is then out of reach),
+    # or ignoring the cameras it is given (the side view's texels never fit).
+    truth = MeshGenerator(toy, mesh="box", texture_size=16, texture_param="direct", render_size=32)
+    randomise(truth, seed=3)
+    cameras = [Camera(20.0, 0.0, 1.75, 55.0), Camera(20.0, 90.0, 1.75, 55.0)]
+    with torch.no_grad():
+        target = truth.render(cameras, shading="albedo", background="black")
+    gen = MeshGenerator(toy, mesh="box", texture_size=16, texture_param="direct", render_size=32, shading="mixed",
+                        background="random")
+    with torch.no_grad():
+        before = float(((gen.render(cameras, shading="albedo", background="black") - target) ** 2).mean())
+    after = gen.fit(target, cameras, steps=60, lr=1.0)  # (the first optimiser of a process imports for seconds)
+    assert before > 5e-3 and after < before / 100, (before, after)

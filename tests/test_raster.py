@@ -222,7 +222,7 @@ def test_views_are_cached_per_camera_and_size():
     front, side = Camera(0.0, 0.0, 2.0, 40.0), Camera(0.0, 30.0, 2.0, 40.0)
     first = cache(front, 16, 16)
     assert cache(front, 16, 16) is first and cache.misses == 1
-    assert cache(front, 24, 24).fragments.face.shape == (24, 24) and cache.misses == 2
+    assert cache(front, 24, 24).mask().shape == (24, 24) and cache.misses == 2
     cache(side, 16, 16)  # evicts (front, 16) - the least recently used
     assert cache(front, 24, 24) is not None and cache.misses == 3
     assert cache(front, 16, 16) is not first and cache.misses == 4
