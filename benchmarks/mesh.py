@@ -6,7 +6,7 @@
 `run` times, per (mesh size, render size), each configuration in a fresh child process (so that its peak RSS is its
 own): rasterising a view (a camera seen for the first time: face ids, barycentrics, UVs, normals), fetching a cached
 view, and sampling a 512 x 512 texture for the view plus the backward pass to the texture; and, per render size, the
-network texture's forward + backward (independent of the mesh). The mesh is a UV sphere at the world's radius
+network texture's forward + backward (independent of the mesh). The mesh is a UV sphere of radius MESH_RADIUS (a user's mesh, normalised)
 (4 random cameras from the training ranges; the median is reported).
 
 `compare_parameterisations` runs SDS (main.py's loop: AdamW at --lr 0.1, 2000 x loss, guidance 25) in the toy world
@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _sphere_for(faces: int):
     """Return a UV sphere (guidance/mesh.py) with about `faces` faces: 2 x segments x (rings - 1), segments = 2 rings."""
-    from guidance.mesh import sphere_mesh
+    from guidance.mesh import MESH_RADIUS, sphere_mesh
 
     rings = max(3, round((faces / 4) ** 0.5))
-    return sphere_mesh(segments=2 * rings, rings=rings)
+    return sphere_mesh(MESH_RADIUS, segments=2 * rings, rings=rings)
 
 
 def _rss_mb() -> float:

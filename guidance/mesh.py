@@ -20,7 +20,8 @@ Loading (`load_mesh`): .obj, .glb / .gltf, .ply, .stl through trimesh, or the bu
   not the end of the run. Overlapping file UVs (mirrored halves) are kept: both halves get the same paint.
 - Normals: area-weighted vertex normals with coincident vertices welded (smooth across UV seams); they only
   shade the lambertian training views; everything exported is albedo.
-- `box` and `sphere` are built in the world frame (z up, front +x) at MESH_RADIUS and exported unrotated.
+- `box` (half side 0.4) and `sphere` (radius 0.5) are the toy 3D world's cube and sphere (guidance/toy3d.py, on the
+  3D branch): built in the world frame (z up, front +x), exported unrotated.
 
 Outputs of `MeshGenerator.save(dir, name)`: <name>.glb (unlit, two-sided, texture sampled linearly with
 CLAMP_TO_EDGE, as the renders sample it) and <name>.obj + <name>.mtl, in the file's coordinates;
@@ -55,6 +56,8 @@ AXES = ("+x", "-x", "+y", "-y", "+z", "-z")
 DEFAULT_AXES = {".glb": ("+y", "+z"), ".gltf": ("+y", "+z"), ".obj": ("+y", "+z"), ".ply": ("+z", "-y"),
                 ".stl": ("+z", "-y")}  # (up, front) per format: see the module docstring
 MESH_RADIUS = 0.6
+BOX_HALF_SIDE = 0.4  # the toy 3D world's cube and sphere
+SPHERE_RADIUS = 0.5
 MAX_FACES = 500_000
 MAX_TEXTURE_SIZE = 4096
 TEXTURE_PARAMS = ("network", "direct")
@@ -78,7 +81,7 @@ LIGHT_SPREAD = 0.5
 class TexturedMesh:
     """A mesh in the world frame with per-vertex UVs and normals, and the similarity back to the file's frame."""
 
-    vertices: torch.Tensor  # [V, 3] float32, world frame (z up, front +x, inside radius MESH_RADIUS)
+    vertices: torch.Tensor  # [V, 3] float32, world frame (z up, front +x, inside the unit sphere)
     faces: torch.Tensor  # [F, 3] int64
     uv: torch.Tensor  # [V, 2] float32, OBJ convention (v up)
     normals: torch.Tensor  # [V, 3] float32, world frame, unit
@@ -305,10 +308,9 @@ def box_cell(name: str) -> tuple[float, float, float, float]:
             v1 - BOX_CELL_MARGIN / 2)
 
 
-def box_mesh(radius: float = MESH_RADIUS) -> TexturedMesh:
-    """Return the cube whose corners lie at `radius`: 4 vertices per face (flat normals), one UV cell per face,
-    each face's texture upright as seen from outside (the front, +x, is what azimuth 0 sees)."""
-    half = radius / math.sqrt(3)
+def box_mesh(half: float = BOX_HALF_SIDE) -> TexturedMesh:
+    """Return the cube [-half, half]^3: 4 vertices per face (flat normals), one UV cell per face, each face's texture
+    upright as seen from outside (the front, +x, is what azimuth 0 sees)."""
     vertices, uv, normals, faces = [], [], [], []
     for name, normal, up in BOX_FACES:
         n, w = np.array(normal, float), np.array(up, float)
@@ -323,7 +325,7 @@ def box_mesh(radius: float = MESH_RADIUS) -> TexturedMesh:
     return _primitive(np.array(vertices), np.array(faces), np.array(uv), np.array(normals), "box")
 
 
-def sphere_mesh(radius: float = MESH_RADIUS, segments: int = 64, rings: int = 32) -> TexturedMesh:
+def sphere_mesh(radius: float = SPHERE_RADIUS, segments: int = 64, rings: int = 32) -> TexturedMesh:
     """Return a UV sphere: u = azimuth / 360 + 0.5 (the front, +x, at u = 0.5; the seam at the back), v = latitude."""
     azimuth = np.linspace(-math.pi, math.pi, segments + 1)  # the seam column is duplicated: u 0 and u 1
     polar = np.linspace(0, math.pi, rings + 1)  # from the north pole
@@ -410,6 +412,18 @@ def build_texture(texture_param: str, size: int, generator: torch.Generator) -> 
 
 
 # ----------------------------------------------------------------------------------------------- the generator
+def model_defaults(model) -> dict:
+    """Return the shading and background a model's world expects: the toy worlds' (albedo on black: their images
+    have black backgrounds, and the 3D world's light is baked into its objects, `model.nerf_defaults`), else
+    Stable Diffusion's (random lambertian / albedo views on a random solid colour, DreamFusion's augmentations)."""
+    world = getattr(model, "nerf_defaults", None)
+    if isinstance(world, dict):
+        return {"shading": world.get("shading", "albedo"), "background": world.get("background", "black")}
+    if getattr(model, "model_name", "") in ("toy", "toy3d"):
+        return {"shading": "albedo", "background": "black"}
+    return {"shading": "mixed", "background": "random"}
+
+
 class MeshGenerator(Generator):
     """theta = the texture of a fixed mesh, rendered from the cameras the loop draws each step."""
 
@@ -420,14 +434,17 @@ class MeshGenerator(Generator):
                  texture_size: int = DEFAULT_TEXTURE_SIZE, texture_param: str = DEFAULT_TEXTURE_PARAM,
                  generator: torch.Generator | None = None, up: str | None = None, front: str | None = None,
                  uv: str = "auto", max_faces: int = MAX_FACES, shading: str | None = None,
-                 background: str | None = None, turntable_frames: int = TURNTABLE_FRAMES,
+                 background: str | None = None, supersample: int = 1, turntable_frames: int = TURNTABLE_FRAMES,
                  eval_camera=None, max_cached_views: int = 16):
         if int(batch) != 1:
             raise UserError(f"--batch {batch}: the mesh generator paints one texture; use --batch 1 (more views "
                             f"per step: --views_per_step)")
-        toy = getattr(model, "model_name", "") == "toy"
-        self.shading = shading or ("albedo" if toy else "mixed")
-        self.background = background or ("black" if toy else "random")
+        defaults = model_defaults(model)
+        self.shading = shading or defaults["shading"]
+        self.background = background or defaults["background"]
+        if int(supersample) < 1 or int(supersample) > 4:
+            raise UserError(f"--mesh_supersample {supersample}: use 1 (none) to 4 rays per pixel side")
+        self.supersample = int(supersample)
         if self.shading not in SHADINGS:
             raise UserError(f"--mesh_shading {shading!r}: use one of {', '.join(SHADINGS)}")
         if self.background not in BACKGROUNDS:
@@ -459,13 +476,15 @@ class MeshGenerator(Generator):
         cameras = [self.eval_camera] if cameras is None else list(cameras)
         texture = self.texture_image() if texture is None else texture
         shading, background = shading or self.shading, background or self.background
-        size = self.render_size
+        size = self.render_size * self.supersample
         images = []
         for camera in cameras:
             view = self.views(camera, size, size)
             light, ambient = self._light(camera, shading)
             images.append(render_view(view, texture, self._background(background), light, ambient))
-        return torch.stack(images)
+        images = torch.stack(images)
+        # Supersampled: each pixel the box-filtered mean of its supersample^2 rays (soft, antialiased edges).
+        return F.avg_pool2d(images, self.supersample) if self.supersample > 1 else images
 
     def _light(self, camera, shading: str):
         """Return (unit light direction or None, ambient) for one view: lambertian views light from near the camera."""
@@ -576,7 +595,7 @@ class MeshGenerator(Generator):
         data["world_from_mesh"] = self.mesh.world_from_user.tolist()
         atomic_write_bytes(folder / "transforms.json", (json.dumps(data, indent=2) + "\n").encode())
         gif = io.BytesIO()
-        frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
         atomic_write_bytes(folder / "turntable.gif", gif.getvalue())
         return paths + [folder / "transforms.json", folder / "turntable.gif"]
 

@@ -15,7 +15,8 @@ from PIL import Image
 import guidance.mesh as mesh_module
 from guidance.cameras import Camera, CameraSampler
 from guidance.common import UserError
-from guidance.mesh import (LRS, MESH_RADIUS, MeshGenerator, box_cell, box_mesh, load_mesh, sphere_mesh)
+from guidance.mesh import (BOX_HALF_SIDE, LRS, MESH_RADIUS, SPHERE_RADIUS, MeshGenerator, box_cell, box_mesh, load_mesh,
+                           sphere_mesh)
 from guidance.toy import ToyDiffusion
 from test_raster import ray_cast
 
@@ -48,9 +49,11 @@ def user_mesh(seed=0):
 # ----------------------------------------------------------------------------------------------- loading
 def test_primitives_sit_in_the_world_frame_inside_the_radius():
     # Mutants: a box whose +x face is painted in another cell (the toy's "red front" lands elsewhere), a sphere
-    # whose front is not at u = 0.5, either one scaled to the unit sphere (the middle camera crops it).
+    # whose front is not at u = 0.5, either one of another size than the toy 3D world's cube and sphere.
     box = box_mesh()
-    assert float(box.vertices.norm(dim=1).max()) == pytest.approx(MESH_RADIUS, rel=1e-6)
+    assert BOX_HALF_SIDE == 0.4 and SPHERE_RADIUS == 0.5
+    assert float(box.vertices.abs().max()) == pytest.approx(0.4, rel=1e-6)
+    assert float(box.vertices.norm(dim=1).min()) == pytest.approx(0.4 * math.sqrt(3), rel=1e-6)
     front = box.normals[:, 0] == 1  # the +x face's own four vertices
     u0, v0, u1, v1 = box_cell("+x")
     assert int(front.sum()) == 4
@@ -60,8 +63,8 @@ def test_primitives_sit_in_the_world_frame_inside_the_radius():
     right_top = front & (box.vertices[:, 1] > 0) & (box.vertices[:, 2] > 0)
     assert box.uv[right_top].tolist() == [[pytest.approx(u1), pytest.approx(v1)]]
     sphere = sphere_mesh()
-    assert float(sphere.vertices.norm(dim=1).max()) == pytest.approx(MESH_RADIUS, rel=1e-6)
-    nearest_front = int((sphere.vertices - torch.tensor([MESH_RADIUS, 0.0, 0.0])).norm(dim=1).argmin())
+    torch.testing.assert_close(sphere.vertices.norm(dim=1), torch.full((len(sphere.vertices),), 0.5))
+    nearest_front = int((sphere.vertices - torch.tensor([0.5, 0.0, 0.0])).norm(dim=1).argmin())
     assert float(sphere.uv[nearest_front, 0]) == pytest.approx(0.5, abs=1e-6)
     assert float(sphere.uv[nearest_front, 1]) == pytest.approx(0.5, abs=1e-6)
     assert box.uv_source == sphere.uv_source == "built-in"
@@ -171,6 +174,7 @@ def bad_inputs(tmp_path):
         "axes_on_primitive": (dict(mesh="box", up="+y"), ["built-in box", "drop them"]),
         "batch": (dict(batch=2), ["--batch 2", "--batch 1"]),
         "shading": (dict(shading="phong"), ["--mesh_shading 'phong'", "lambertian"]),
+        "supersample": (dict(supersample=8), ["--mesh_supersample 8", "1 (none) to 4"]),
     }
 
 
@@ -329,6 +333,22 @@ def test_the_front_view_is_the_middle_camera_on_black_and_lrs_scale(toy):
     assert gen.needs_cameras and float(gen.regularization()) == 0.0
 
 
+def test_each_world_gets_its_shading_and_background(toy, tiny_sd):
+    # The toy worlds' images are albedo-like on black; Stable Diffusion gets DreamFusion's random light and
+    # background. Mutant: one default for every model (the toy then sees coloured backgrounds no template has).
+    from types import SimpleNamespace
+
+    def made(model):
+        gen = MeshGenerator(model, mesh="box", texture_size=16, texture_param="direct")
+        return gen.shading, gen.background
+
+    assert made(toy) == ("albedo", "black")
+    assert made(tiny_sd) == ("mixed", "random")
+    world3d = SimpleNamespace(device=torch.device("cpu"), resolution=32, model_name="toy3d",
+                              nerf_defaults={"render_size": 32, "background": "black", "shading": "albedo"})
+    assert made(world3d) == ("albedo", "black")
+
+
 def test_checkpoint_restores_the_texture_and_refuses_another_setup(toy):
     # Mutants: restore() leaving the network's noise or the random state behind; a checkpoint of another mesh
     # silently loaded.
@@ -386,3 +406,18 @@ def test_fit_recovers_a_texture_from_its_renders(toy):
         before = float(((gen.render(cameras, shading="albedo", background="black") - target) ** 2).mean())
     after = gen.fit(target, cameras, steps=60, lr=1.0)  # (the first optimiser of a process imports for seconds)
     assert before > 5e-3 and after < before / 100, (before, after)
+
+
+def test_supersampling_gives_edge_pixels_their_coverage(toy):
+    # Straight at the box's front face: a square of half side fl * 0.4 / (d - 0.4) = 9.4 pixels around the image's
+    # centre, covering (18.8 / 32)^2 = 0.345 of a white-on-black frame. One ray per pixel counts 18 x 18 whole
+    # pixels (0.316); 4 x 4 rays per pixel come within 0.01. Mutant: supersample accepted but not used.
+    fl = 32 / (2 * math.tan(math.radians(55.0) / 2))
+    camera = Camera(0.0, 0.0, 0.4 + fl * 0.4 / 9.4, 55.0)
+    white = torch.ones(3, 16, 16)
+    means = {}
+    for k in (1, 4):
+        gen = MeshGenerator(toy, mesh="box", texture_size=16, texture_param="direct", render_size=32, supersample=k)
+        means[k] = float(gen.render([camera], texture=white, shading="albedo", background="black").mean())
+    assert means[1] == pytest.approx(18 * 18 / 32**2, abs=1e-6)
+    assert means[4] == pytest.approx((18.8 / 32) ** 2, abs=0.01) and abs(means[1] - (18.8 / 32) ** 2) > 0.025
