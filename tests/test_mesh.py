@@ -88,18 +88,23 @@ def test_gltf_is_y_up_front_z_and_normalised_into_the_radius(tmp_path):
     assert mesh.uv_source == "xatlas"  # the file has no UVs
 
 
-def test_stl_is_z_up_front_minus_y_and_the_flags_override(tmp_path):
-    # The same tetrahedron written z-up with its front towards -y: world (x, y, z) = scale * (-y, x, z - 1).
-    # Mutant: one default for every format (the apex would lie on its side).
+@pytest.mark.parametrize("suffix", [".glb", ".gltf", ".obj", ".ply", ".stl"])
+def test_every_format_gets_its_documented_axes_and_the_flags_override(tmp_path, suffix):
+    # The same tetrahedron, written y-up front +z (.glb, .gltf, .obj) or z-up front -y (.ply, .stl), lands the
+    # same way in the world: apex up (+z), front vertex on +x. Mutant: one default for every format (the apex of
+    # a z-up file would lie on its side).
     z_up = TETRA[:, [0, 2, 1]] * [1, -1, 1]  # (x, y, z) -> (x, -z, y): up +z, front -y
-    path = export(trimesh.Trimesh(z_up, TETRA_FACES, process=False), tmp_path / "tetra.stl")
+    vertices = TETRA if suffix in (".glb", ".gltf", ".obj") else z_up
+    folder = tmp_path / suffix[1:]
+    folder.mkdir()
+    path = export(trimesh.Trimesh(vertices, TETRA_FACES, process=False), folder / f"tetra{suffix}")
     mesh = load_mesh(path, texture_size=64)
     s = MESH_RADIUS / math.sqrt(3)
     torch.testing.assert_close(mesh.vertices[mesh.vertices[:, 2].argmax()], torch.tensor([0.0, 0.0, s]), atol=1e-6,
                                rtol=0)
     torch.testing.assert_close(mesh.vertices[mesh.vertices[:, 0].argmax()], torch.tensor([s, 0.0, -s]), atol=1e-6,
                                rtol=0)
-    # Overriding the axes: this z-up file read as if its up were +z and its front +x keeps its axes.
+    # Overriding the axes: read as if its up were +z and its front +x, the file keeps its own axes.
     same = load_mesh(path, up="+z", front="+x", texture_size=64)
     np.testing.assert_allclose(same.rotation, np.eye(3))
 
