@@ -6,7 +6,8 @@
 `run` times, per (mesh size, render size), each configuration in a fresh child process (so that its peak RSS is its
 own): rasterising a view (a camera seen for the first time: face ids, barycentrics, UVs, normals), fetching a cached
 view, and sampling a 512 x 512 texture for the view plus the backward pass to the texture; and, per render size, the
-network texture's forward + backward (independent of the mesh). The mesh is a UV sphere of radius MESH_RADIUS (a user's mesh, normalised)
+network texture's forward + backward (independent of the mesh). The mesh is a UV sphere of radius MESH_RADIUS (a user's
+mesh, normalised)
 (4 random cameras from the training ranges; the median is reported).
 
 `compare_parameterisations` runs SDS (main.py's loop: AdamW at --lr 0.1, 2000 x loss, guidance 25) in the toy world
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _sphere_for(faces: int):
-    """Return a UV sphere (guidance/mesh.py) with about `faces` faces: 2 x segments x (rings - 1), segments = 2 rings."""
+    """Return a UV sphere of about `faces` faces (2 x segments x (rings - 1), segments = 2 rings) at MESH_RADIUS."""
     from guidance.mesh import MESH_RADIUS, sphere_mesh
 
     rings = max(3, round((faces / 4) ** 0.5))
@@ -187,17 +188,20 @@ def sds_in_the_toy_world(texture_param: str, prompt: str, seed: int, steps: int 
 
 
 def compare_parameterisations(prompts=("a red circle", "a blue square"), seeds=(0, 1, 2), steps: int = 500,
-                              lrs=(0.03, 0.1, 0.3), threads: int = 1) -> dict:
+                              lrs=(0.03, 0.1, 0.3), texture_params=("network", "direct"), threads: int = 1) -> dict:
     """Return, per parameterisation and --lr, the toy metrics of SDS runs over prompts x seeds (see the docstring)."""
     import torch
 
+    from guidance.mesh import LRS
+
     torch.set_num_threads(threads)
     runs = []
-    for texture_param in ("network", "direct"):
+    for texture_param in texture_params:
         for lr in lrs:
             for prompt in prompts:
                 for seed in seeds:
                     runs.append({"texture_param": texture_param, "lr": lr, "prompt": prompt, "seed": seed,
+                                 "adam_lr": lr * LRS[texture_param] / 0.1,
                                  **sds_in_the_toy_world(texture_param, prompt, seed, steps, lr)})
     return {"steps": steps, "runs": runs}
 
@@ -206,13 +210,14 @@ def format_comparison(result: dict) -> str:
     """Return the comparison as a markdown table: per (parameterisation, --lr), in-class rate and template MSE."""
     lines = [f"SDS, {result['steps']} steps, guidance 25, toy world, a plane filling the 64 x 64 front view "
              f"(texture 64 px); mean over prompts x seeds. A sample of the world is at MSE ~0.0025.", "",
-             "| texture | --lr | in class | template MSE (mean) | template MSE (worst) | s / run |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| texture | --lr | Adam rate | in class | template MSE (mean) | template MSE (worst) | s / run |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(r["texture_param"], r["lr"]) for r in result["runs"]})
     for texture_param, lr in keys:
         runs = [r for r in result["runs"] if (r["texture_param"], r["lr"]) == (texture_param, lr)]
         mse = [r["template_mse"] for r in runs]
-        lines.append(f"| {texture_param} | {lr:g} | {sum(r['in_class'] for r in runs)}/{len(runs)} | "
+        in_class = sum(r["in_class"] for r in runs)
+        lines.append(f"| {texture_param} | {lr:g} | {runs[0]['adam_lr']:g} | {in_class}/{len(runs)} | "
                      f"{statistics.mean(mse):.4f} | {max(mse):.4f} | "
                      f"{statistics.mean(r['seconds'] for r in runs):.1f} |")
     return "\n".join(lines)
@@ -227,6 +232,8 @@ def main(argv=None) -> None:
     parser.add_argument("--texture_size", type=int, default=512)
     parser.add_argument("--compare", action="store_true", help="network vs direct texture under SDS in the toy world")
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3], help="--compare: main.py --lr values")
+    parser.add_argument("--texture_params", nargs="+", default=["network", "direct"], help="--compare: which ones")
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -237,7 +244,7 @@ def main(argv=None) -> None:
         print(json.dumps(out))
         return
     if args.compare:
-        result = compare_parameterisations(steps=args.steps)
+        result = compare_parameterisations(steps=args.steps, lrs=args.lrs, texture_params=args.texture_params)
         text = format_comparison(result)
     else:
         result = run(args.device, args.sizes, args.faces, args.threads, args.texture_size)

@@ -2,7 +2,6 @@
 turntable reproduced from the exported GLB by an independent ray caster, gradients to the visible texels only, and
 SDS / VSD on a tiny random Stable Diffusion. Each behaviour test names the mutant that fails it.
 """
-import io
 import json
 import math
 import struct
@@ -111,7 +110,8 @@ def test_every_format_gets_its_documented_axes_and_the_flags_override(tmp_path, 
 
 def test_file_uvs_are_kept_and_a_file_without_uvs_is_unwrapped_without_overlaps(tmp_path):
     # Mutants: the file's UVs dropped or re-unwrapped when valid; xatlas charts that overlap (two faces sharing texels).
-    quad = "v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvt 0.5 0.5\nf 1/1 2/2 3/3\nf 1/5 3/3 4/4\n"
+    quad = ("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvt 0.5 0.5\n"
+            "f 1/1 2/2 3/3\nf 1/5 3/3 4/4\n")
     (tmp_path / "quad.obj").write_text(quad)
     mesh = load_mesh(str(tmp_path / "quad.obj"), texture_size=64)
     assert mesh.uv_source == "file"
@@ -158,8 +158,6 @@ def bad_inputs(tmp_path):
     (tmp_path / "folder.obj").mkdir()
     trimesh.PointCloud(np.random.default_rng(0).random((10, 3))).export(str(tmp_path / "cloud.ply"))
     big = export(trimesh.creation.icosphere(subdivisions=2), tmp_path / "big.obj")
-    nan = trimesh.Trimesh(TETRA * [1, 1, 1], TETRA_FACES, process=False)
-    nan.vertices[0, 0] = np.nan
     (tmp_path / "nan.obj").write_text("v nan 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
     return {
         "missing": (dict(mesh=str(tmp_path / "nope.obj")), ["nope.obj", "no such file"]),
@@ -223,7 +221,8 @@ def glb_json(path):
 
 def randomise(gen, seed=0):
     with torch.no_grad():
-        gen.texture.logits.copy_(2 * torch.randn(gen.texture.logits.shape, generator=torch.Generator().manual_seed(seed)))
+        noise = torch.randn(gen.texture.logits.shape, generator=torch.Generator().manual_seed(seed))
+        gen.texture.logits.copy_(2 * noise)
 
 
 def test_glb_and_obj_round_trip_in_the_users_coordinates(tmp_path, toy):
@@ -357,7 +356,8 @@ def test_each_world_gets_its_shading_and_background(toy, tiny_sd):
 def test_checkpoint_restores_the_texture_and_refuses_another_setup(toy):
     # Mutants: restore() leaving the network's noise or the random state behind; a checkpoint of another mesh
     # silently loaded.
-    gen = MeshGenerator(toy, mesh="box", texture_size=32, texture_param="network", generator=torch.Generator().manual_seed(1))
+    gen = MeshGenerator(toy, mesh="box", texture_size=32, texture_param="network",
+                        generator=torch.Generator().manual_seed(1))
     saved = gen.checkpoint()
     fresh = MeshGenerator(toy, mesh="box", texture_size=32, texture_param="network",
                           generator=torch.Generator().manual_seed(2))
@@ -409,7 +409,7 @@ def test_fit_recovers_a_texture_from_its_renders(toy):
                         background="random")
     with torch.no_grad():
         before = float(((gen.render(cameras, shading="albedo", background="black") - target) ** 2).mean())
-    after = gen.fit(target, cameras, steps=60, lr=1.0)  # (the first optimiser of a process imports for seconds)
+    after = gen.fit(target, cameras, steps=60, lr=0.3)  # (the first optimiser of a process imports for seconds)
     assert before > 5e-3 and after < before / 100, (before, after)
 
 

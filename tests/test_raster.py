@@ -77,7 +77,8 @@ def noisy_sphere(generator):
 
 def random_camera(generator, fovy_range=(30.0, 70.0)):
     el, az, dist, fovy = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
-    return Camera(-60 + 120 * el, -180 + 360 * az, 1.6 + 1.0 * dist, fovy_range[0] + (fovy_range[1] - fovy_range[0]) * fovy)
+    low, high = fovy_range
+    return Camera(-60 + 120 * el, -180 + 360 * az, 1.6 + 1.0 * dist, low + (high - low) * fovy)
 
 
 # ----------------------------------------------------------------------------------------------- rasteriser
@@ -151,7 +152,7 @@ def test_texture_lookup_is_bilinear_with_v_up_and_clamped_edges():
 
 
 def quad(x, y0, y1, z0, z1, u0, u1):
-    """Return the 4 vertices, 2 faces and UVs of an axis-aligned quad at depth x facing +x, painted in [u0, u1] x [0, 1]."""
+    """Return the vertices, faces and UVs of a quad in the plane x facing +x, painted in [u0, u1] x [0, 1]."""
     vertices = torch.tensor([[x, y0, z0], [x, y1, z0], [x, y1, z1], [x, y0, z1]])
     uv = torch.tensor([[u0, 0.0], [u1, 0.0], [u1, 1.0], [u0, 1.0]])
     return vertices, torch.tensor([[0, 1, 2], [0, 2, 3]]), uv
