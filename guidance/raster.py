@@ -218,12 +218,18 @@ class View:
 
 
 class ViewCache:
-    """Views of one fixed mesh (vertices, faces, per-vertex uv and normals), rasterised once per (camera, H, W)."""
+    """Views of one fixed mesh (vertices, faces, per-vertex uv and normals), rasterised once per (camera, H, W).
+
+    Views live on the tensors' device. MPS has no float64, so there the rasteriser runs on the CPU and the
+    views are moved.
+    """
 
     def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, uv: torch.Tensor, normals: torch.Tensor,
                  max_views: int = 16, fragment_budget: int = FRAGMENT_BUDGET):
-        self.vertices, self.faces = vertices.detach(), faces.detach()
-        self.uv, self.normals = uv.detach().float(), normals.detach().float()
+        self.device = vertices.device
+        work = torch.device("cpu") if self.device.type == "mps" else self.device
+        self.vertices, self.faces = vertices.detach().to(work), faces.detach().to(work)
+        self.uv, self.normals = uv.detach().float().to(work), normals.detach().float().to(work)
         self.max_views = int(max_views)
         self.fragment_budget = int(fragment_budget)
         self._views: OrderedDict = OrderedDict()
@@ -258,7 +264,7 @@ class ViewCache:
         points = (bary[:, :, None] * self.vertices[corners].float()).sum(1)
         towards_camera = centre - points
         normal = torch.where(((normal * towards_camera).sum(-1, keepdim=True) < 0), -normal, normal)
-        return View(int(height), int(width), pixels, uv, normal)
+        return View(int(height), int(width), pixels.to(self.device), uv.to(self.device), normal.to(self.device))
 
 
 def render_view(view: View, texture: torch.Tensor, background: torch.Tensor, light: torch.Tensor | None = None,
