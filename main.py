@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     from guidance.methods import run_prompts
 
     config = parse_args(argv)
+    config.check_replace()  # before the model loads: a finished result made with other settings is not replaced
     print(f"[*] {config.loss_type.upper()} with {config.model}: guidance {config.guidance_scale}, {config.step} steps, "
           f"seed {config.seed}")
     model = build_model(config)

@@ -28,7 +28,7 @@ from pathlib import Path
 from guidance.config import RunConfig
 from guidance.methods import METHODS, OPTION_FLAGS
 from guidance.models import world
-from guidance.runfolder import RunFolder
+from guidance.runfolder import RunFolder, as_json
 from utils import (CliParser, UserError, add_config_arguments, config_from_args, prompt_to_filename, run_cli,
                    save_json_atomic)
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation (eval.json)")
     p.add_argument("--no_report", action="store_true", help="skip report.pdf")
     shared = p.add_argument_group("every main.py flag (shared by all runs; python main.py --help)")
-    add_config_arguments(shared, RunConfig, none_required=True)
+    add_config_arguments(shared, RunConfig, skip=("overwrite",), none_required=True)
     return p
 
 
@@ -128,15 +128,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RunConfig]:
     base = config_from_args(ours, RunConfig)
     ours.tasks = [t for t in TASKS if t in ours.tasks]
     ours.seeds = list(dict.fromkeys(ours.seeds))
+    found = world(base.model)
     if ours.prompts is None:
-        found = world(base.model)
         ours.prompts = str(found.prompts_file if found is not None else DEFAULT_PROMPTS)
     for dest in OPTION_FLAGS:  # a method's own flag applies to that method's runs; one no task uses is a mistake
         if getattr(base, dest) is not None and not any(dest in METHODS[t].options for t in ours.tasks):
             owners = " / ".join(name for name, m in METHODS.items() if dest in m.options)
             raise UserError(f"--{dest} belongs to {owners}, which --tasks does not include: drop it or add the task")
-    # Check the flags that all runs share now (e.g. --step 0), with a stand-in run of a generation task.
-    _own_options(base, "sds").replace(prompt="probe", loss_type="sds", seed=0, save_dir=ours.out).resolved()
+    # Check the flags that all runs share now (e.g. --step 0), with a stand-in run of a generation task (a prompt the
+    # model can draw: each entry's own prompt is checked with its run).
+    probe = found.example[0] if found is not None else "probe"
+    _own_options(base, "sds").replace(prompt=probe, loss_type="sds", seed=0, save_dir=ours.out).resolved()
     return ours, base
 
 
@@ -205,11 +207,7 @@ def item_args(item: Item, base: RunConfig) -> RunConfig:
         raise UserError(f"prompts entry {item.key!r} has no {missing}, which {item.task.upper()} needs")
     return _own_options(base, item.task).replace(
         prompt=item.prompt, edit_prompt=item.edit_prompt, src_img_path=item.src_img_path, loss_type=item.task,
-        seed=item.seed, save_dir=str(item.save_dir)).resolved()
-
-
-def _as_json(value):
-    return json.loads(json.dumps(value, default=str))
+        seed=item.seed, save_dir=str(item.save_dir), overwrite=True).resolved()  # run_all decides what to redo
 
 
 def completion(item: Item, args: RunConfig) -> tuple[bool, str]:
@@ -228,7 +226,7 @@ def completion(item: Item, args: RunConfig) -> tuple[bool, str]:
         return False, f"{item.image_path.name} is missing"
     wanted = args.to_record()
     changed = [f"{k} {config.get(k)!r} -> {wanted[k]!r}" for k in RunConfig.result_fields()
-               if _as_json(config.get(k)) != _as_json(wanted[k])]
+               if as_json(config.get(k)) != as_json(wanted[k])]
     if changed:
         return False, "settings changed: " + ", ".join(changed)
     return True, "finished"

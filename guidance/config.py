@@ -51,7 +51,10 @@ class RunConfig(_MethodOptions):
     negative_prompt: str | None = setting(None, f"prompt for the unconditional CFG branch (default \"{DEFAULT_NEGATIVE_PROMPT}\")")
     edit_prompt: str | None = setting(None, "editing methods (pds, dds, sds_edit): the target prompt")
     src_img_path: str | None = setting(None, "editing methods (pds, dds, sds_edit): the source image")
-    save_dir: str = setting("./outputs", "where the result and its run folder are written", result=False)
+    save_dir: str | None = setting(None, "where the result and its run folder are written (default outputs/<loss_type>, "
+                                         "the course's layout: eval.py --fdir1 outputs/sds)", result=False)
+    overwrite: bool = setting(False, "replace a finished result made with other settings (without it, such a run "
+                                     "stops before it starts and says where the result is)", result=False)
     loss_type: str = setting("sds", "the method (see the list above)", choices=LOSS_TYPES)
     guidance_scale: float | None = setting(None, "default per method: " + _per_method("guidance_scale", "{:g}"),
                                            type=float)
@@ -90,6 +93,54 @@ class RunConfig(_MethodOptions):
     pixel_size: int | None = setting(None, "pixels: theta's resolution, upsampled to the render", type=int)
     augment: bool = setting(False, "pixels / gaussians / vector: a random view (crop and perspective) of the render "
                                    "each step")
+    # 3D generators (nerf: text-to-3D; mesh: a mesh's texture): cameras, view prompts, outputs
+    views_per_step: int = setting(1, "nerf / mesh: cameras drawn per step, one render each", type=int)
+    elevation_range: tuple | None = setting(None, "nerf / mesh: camera elevation in degrees (default -10 45)",
+                                            type=float, nargs=2, metavar=("MIN", "MAX"))
+    azimuth_range: tuple | None = setting(None, "nerf / mesh: camera azimuth in degrees, 0 = the front, +x (default "
+                                                "-180 180)", type=float, nargs=2, metavar=("MIN", "MAX"))
+    distance_range: tuple | None = setting(None, "nerf / mesh: camera distance from the origin; the object fits "
+                                                 "in the unit sphere (default 1.5 2.0)", type=float, nargs=2,
+                                           metavar=("MIN", "MAX"))
+    fovy_range: tuple | None = setting(None, "nerf / mesh: vertical field of view in degrees (default 40 70)",
+                                       type=float, nargs=2, metavar=("MIN", "MAX"))
+    no_view_prompts: bool = setting(False, "nerf / mesh: the bare prompt for every camera (default: '<prompt>, "
+                                           "front view' / side / back / overhead by the camera)")
+    view_interpolation: bool = setting(False, "nerf / mesh: interpolate neighbouring views' embeddings by azimuth "
+                                              "(stable-dreamfusion; default: each camera's own view's prompt)")
+    perp_neg: bool = setting(False, "nerf / mesh with sds or ism: Perp-Neg, the other views as negative prompts "
+                                    "(Armandpour et al. 2023; 2x the UNet rows)")
+    score_clip: bool = setting(False, "clamp the gradient elementwise to c rising 0.5 -> 2.0 over 5000 steps "
+                                      "(score clipping, Hong et al. 2023)")
+    shading: str | None = setting(None, "nerf: albedo | lambertian | textureless | random (default random); mesh: "
+                                        "albedo | lambertian | mixed (default mixed); toy worlds: albedo",
+                                  choices=("albedo", "lambertian", "textureless", "random", "mixed"))
+    background: str | None = setting(None, "nerf / mesh: random (a solid colour per view) | black | white; nerf "
+                                           "also mlp (learned); toy worlds: black",
+                                     choices=("random", "mlp", "black", "white"))
+    latent_render: bool = setting(False, "nerf: render the model's latent channels directly, no VAE (Latent-NeRF; "
+                                         "faster, unshaded)")
+    lambda_orientation: float = setting(0.0, "nerf: weight of the orientation regulariser (normals facing away "
+                                             "from the camera), in units of the scaled loss", type=float)
+    lambda_sparsity: float = setting(0.0, "nerf: weight of the opacity sparsity regulariser", type=float)
+    lambda_entropy: float = setting(0.0, "nerf: weight of the alpha entropy regulariser", type=float)
+    mesh: str | None = setting(None, "mesh: what to paint: a .obj / .glb / .gltf / .ply / .stl file, or the "
+                                     "built-in box or sphere")
+    texture_size: int | None = setting(None, "mesh: texture side in texels, a power of two (default 512)",
+                                       type=int)
+    texture_param: str | None = setting(None, "mesh: network (a small CNN from fixed noise, Paint-it; default) or "
+                                              "direct (the texels themselves)", choices=("network", "direct"))
+    mesh_up: str | None = setting(None, "mesh: the file's up axis (default +y for .glb / .gltf / .obj, +z for "
+                                        ".ply / .stl)", choices=("+x", "-x", "+y", "-y", "+z", "-z"))
+    mesh_front: str | None = setting(None, "mesh: the file's front axis, seen at azimuth 0 (default +z for "
+                                           ".glb / .gltf / .obj, -y for .ply / .stl)",
+                                     choices=("+x", "-x", "+y", "-y", "+z", "-z"))
+    turntable_frames: int = setting(60, "nerf / mesh: frames of the turntable written at the end", result=False,
+                                    type=int)
+    checkpoint_every: int = setting(100, "nerf / mesh: save theta (and the optimiser) to <run>/<generator>.pt "
+                                         "every N steps (0: never)", result=False, type=int)
+    resume: str | None = setting(None, "nerf / mesh: continue from a checkpoint (<run>/nerf.pt) of this same run",
+                                 result=False, metavar="CHECKPOINT")
     lora_lr: float | None = setting(None, "VSD: AdamW learning rate of the LoRA (default: the model's, 1e-4 for SD)",
                                     type=float)
     vsd_lora_timestep: str = setting("fresh", "VSD: train the LoRA at a fresh t (default) or on the same x_t as the "
@@ -141,7 +192,8 @@ class RunConfig(_MethodOptions):
         method = config.method
         if not config.prompt or not config.prompt.strip():
             raise UserError("--prompt is empty: give the text to distil, e.g. --prompt \"A castle next to a river\"")
-        defaults = {"negative_prompt": DEFAULT_NEGATIVE_PROMPT, "guidance_scale": method.guidance_scale,
+        defaults = {"save_dir": str(Path("outputs") / config.loss_type),
+                    "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "guidance_scale": method.guidance_scale,
                     "step": method.steps, "weighting": method.weighting, "t_schedule": method.t_schedule,
                     "t_range": method.t_range}
         for name, default in defaults.items():
@@ -238,7 +290,7 @@ class RunConfig(_MethodOptions):
 
     def _check_environment(self) -> None:
         """Check the device, the speed settings, the model's options and the folders a run writes to."""
-        from guidance.models import check_options
+        from guidance.models import check_options, check_prompts
         from guidance.sd import resolve_channels_last, resolve_cuda_graphs
 
         device = resolve_device(self.device)
@@ -246,6 +298,7 @@ class RunConfig(_MethodOptions):
         resolve_channels_last(self.channels_last, device)
         check_options(self.model, no_t5=self.no_t5, cpu_offload=self.cpu_offload,
                       lora_checkpointing=self.lora_checkpointing)
+        check_prompts(self.model, [self.prompt] + ([self.edit_prompt] if self.method.edits else []))
         check_writable_dir(self.save_dir)
         if self.log_guidance and not self.log_step:
             raise UserError("--log_guidance saves its panels every --log_step steps: give --log_step N (N > 0)")
@@ -273,3 +326,22 @@ class RunConfig(_MethodOptions):
     def run_dir(self) -> Path:
         """Return the run's folder, <save_dir>/<name>/."""
         return Path(self.save_dir) / self.name
+
+    def camera_ranges(self):
+        """Return the cameras' ranges (guidance/cameras.py): the flags, else the model's world's own (a toy world's
+        data covers only its), else DreamFusion's."""
+        from guidance.cameras import CameraRanges
+        from guidance.models import world
+
+        base = getattr(world(self.model), "camera_ranges", None) or CameraRanges()
+        given = {name: tuple(getattr(self, f"{name}_range")) for name in ("elevation", "azimuth", "distance", "fovy")
+                 if getattr(self, f"{name}_range") is not None}
+        return dataclasses.replace(base, **given)
+
+    def check_replace(self) -> None:
+        """Raise UserError if this run would replace a finished result made with other settings (see RunFolder)."""
+        from guidance.runfolder import RunFolder
+
+        folder = RunFolder(self.save_dir, self.name)
+        resuming_here = bool(self.resume) and Path(self.resume).resolve().parent == folder.dir.resolve()
+        folder.check_replace(self.to_record(), self.result_fields(), self.overwrite or resuming_here)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance.common import UserError
+from guidance.views import PerpNegEmbeddings, perp_neg_noise_preds
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 VSD_LORA_TIMESTEPS = ("fresh", "shared")
@@ -182,7 +183,11 @@ class DistillationCore:
 
     def get_noise_preds(self, latents_noisy: torch.Tensor, t: int, text_embeddings: torch.Tensor,
                         guidance_scale: float) -> torch.Tensor:
-        """Return the CFG prediction eps_cfg_s = eps_uncond + s * (eps_cond - eps_uncond), from ONE batched UNet call."""
+        """Return the CFG prediction eps_cfg_s = eps_uncond + s * (eps_cond - eps_uncond), from ONE batched UNet call
+        (or, for guidance.views.PerpNegEmbeddings, the Perp-Neg prediction from one call of all its rows)."""
+        if isinstance(text_embeddings, PerpNegEmbeddings):
+            return perp_neg_noise_preds(self, latents_noisy, t, text_embeddings.rows, text_embeddings.weights,
+                                        guidance_scale)
         eps_uncond, eps_cond = self.predict_uncond_cond(latents_noisy, t, text_embeddings)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 

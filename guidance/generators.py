@@ -45,7 +45,8 @@ from torch.utils.checkpoint import checkpoint
 
 from guidance.common import UserError, atomic_write_bytes
 
-GENERATORS = ("latent", "pixels", "gaussians", "vector")
+GENERATORS = ("latent", "pixels", "gaussians", "vector", "nerf", "mesh")  # nerf: guidance/nerf.py; mesh: guidance/mesh.py
+IMAGE_GENERATORS = GENERATORS[:4]  # theta renders an image; nerf and mesh render 3D from the loop's cameras
 DEFAULT_LR = 0.1  # main.py's --lr: the latent's rate, and the reference the other generators' rates scale with
 DEFAULT_NUM_SHAPES = 256
 FIT_STEPS = 300
@@ -223,6 +224,10 @@ class Generator:
     def regularization(self) -> float | torch.Tensor:
         """Return what this generator adds to the run's scaled loss (nothing for a 2D generator)."""
         return 0.0
+
+    def final_view(self):
+        """Return the view the run's final latents are taken at: none for an image (a 3D generator: its front)."""
+        return None
 
     def _to_output_size(self, imgs: torch.Tensor) -> torch.Tensor:
         if tuple(imgs.shape[-2:]) == self.output_size:
@@ -616,25 +621,92 @@ def build_generator(name: str, model, batch: int = 1, render_size: int | None = 
     return gen
 
 
+# Which generators each generator flag is for: a flag given to another generator is an error.
+FLAG_OWNERS = {
+    "render_size": ("pixels", "gaussians", "vector", "nerf", "mesh"), "num_shapes": ("gaussians", "vector"),
+    "pixel_size": ("pixels",), "augment": ("pixels", "gaussians", "vector"),
+    **dict.fromkeys(("views_per_step", "elevation_range", "azimuth_range", "distance_range", "fovy_range",
+                     "no_view_prompts", "view_interpolation", "perp_neg", "shading", "background", "resume"),
+                    ("nerf", "mesh")),
+    **dict.fromkeys(("latent_render", "lambda_orientation", "lambda_sparsity", "lambda_entropy"), ("nerf",)),
+    **dict.fromkeys(("mesh", "texture_size", "texture_param", "mesh_up", "mesh_front"), ("mesh",)),
+}
+DEFAULTS_OF_FLAGS = {"views_per_step": 1, "lambda_orientation": 0.0, "lambda_sparsity": 0.0, "lambda_entropy": 0.0}
+
+
 def check_config(config) -> None:
-    """Check a run configuration's generator settings (before any model loads); a flag of another generator is an error."""
+    """Check a run configuration's generator settings (before any model loads); a flag of another generator is an
+    error, and so is a 3D generator with a method it cannot serve."""
     name = config.generator
-    owners = {"render_size": ("pixels", "gaussians", "vector"), "num_shapes": ("gaussians", "vector"),
-              "pixel_size": ("pixels",), "augment": ("pixels", "gaussians", "vector")}
-    for flag, generators in owners.items():
+    for flag, generators in FLAG_OWNERS.items():
         value = getattr(config, flag, None)
-        if value not in (None, False) and name not in generators:
+        if value not in (None, False, DEFAULTS_OF_FLAGS.get(flag)) and name not in generators:
             raise UserError(f"--{flag} is for --generator {' / '.join(generators)}, not {name}: drop it or choose "
                             f"one of those generators")
-    for flag, low, high in (("render_size", 8, 4096), ("num_shapes", 1, 100_000), ("pixel_size", 1, 4096)):
+    for flag, low, high in (("render_size", 8, 4096), ("num_shapes", 1, 100_000), ("pixel_size", 1, 4096),
+                            ("views_per_step", 1, 64), ("turntable_frames", 1, 3600)):
         value = getattr(config, flag, None)
         if value is not None and not low <= value <= high:
             raise UserError(f"--{flag} {value} must be between {low} and {high}")
+    if config.checkpoint_every < 0:
+        raise UserError(f"--checkpoint_every {config.checkpoint_every} must be >= 0 (0: no checkpoints)")
+    if name in IMAGE_GENERATORS:
+        return
+    method = config.method
+    if method.edits:
+        raise UserError(f"--loss_type {config.loss_type} edits an image, and --generator {name} has no image to start "
+                        f"from: edit with an image generator ({', '.join(IMAGE_GENERATORS)}), or generate with "
+                        f"{name}")
+    if config.perp_neg and (config.loss_type not in ("sds", "ism") or config.no_view_prompts):
+        raise UserError("--perp_neg takes the other views as negative prompts: it needs view prompts and --loss_type "
+                        "sds or ism (the other methods split the CFG rows themselves)")
+    ranges = config.camera_ranges().check()
+    from guidance.models import world
+
+    covered = getattr(world(config.model), "camera_ranges", None)
+    for part in ("elevation", "azimuth", "distance", "fovy") if covered is not None else ():
+        (low, high), (world_low, world_high) = getattr(ranges, part), getattr(covered, part)
+        if low < world_low or high > world_high:
+            raise UserError(f"--{part}_range {low:g} {high:g}: the {config.model} world's data covers only "
+                            f"{world_low:g}..{world_high:g}; keep the cameras within it")
+    if config.resume and not Path(config.resume).is_file():
+        raise UserError(f"--resume {config.resume}: no such checkpoint file (a run writes <run>/{name}.pt every "
+                        f"--checkpoint_every steps)")
+    if name == "mesh":
+        if not config.mesh:
+            raise UserError("--generator mesh paints a mesh: give --mesh PATH (.obj, .glb, .gltf, .ply, .stl) or "
+                            "--mesh box / sphere")
+        from guidance.mesh import DEFAULT_TEXTURE_SIZE, load_mesh
+
+        # Read (and unwrap) it now, before any model loads: a bad mesh fails in seconds; the generator reuses it.
+        load_mesh(config.mesh, config.mesh_up, config.mesh_front, texture_size=config.texture_size or DEFAULT_TEXTURE_SIZE)
 
 
 def from_config(config, model, latents: torch.Tensor, fit_latents: torch.Tensor | None = None) -> Generator:
-    """Return a run's generator: config.generator over the run's starting latents (see build_generator)."""
+    """Return a run's generator: config.generator over the run's starting latents (see build_generator), or a 3D
+    generator (guidance/nerf.py, guidance/mesh.py) with the run's options."""
+    if config.generator not in IMAGE_GENERATORS:
+        return _generator_3d(config, model)
     return build_generator(config.generator, model, latents.shape[0], render_size=config.render_size,
                            num_shapes=config.num_shapes or DEFAULT_NUM_SHAPES, seed=config.seed,
                            init_latents=latents, fit_latents=fit_latents, augment=config.augment,
                            pixel_size=config.pixel_size, fit_steps=FIT_STEPS)
+
+
+def _generator_3d(config, model) -> Generator:
+    """Return the run's NeRF or mesh generator, seeded by the run's seed."""
+    rng = torch.Generator().manual_seed(int(config.seed))
+    common = dict(render_size=config.render_size, generator=rng, shading=config.shading, background=config.background,
+                  turntable_frames=config.turntable_frames)
+    if config.generator == "nerf":
+        from guidance.nerf import NerfGenerator
+
+        regularizers = {"orientation": config.lambda_orientation, "sparsity": config.lambda_sparsity,
+                        "entropy": config.lambda_entropy}
+        return NerfGenerator(model, 1, latent_render=config.latent_render, regularizers=regularizers,
+                             ranges=config.camera_ranges(), **common)
+    from guidance.mesh import DEFAULT_TEXTURE_PARAM, DEFAULT_TEXTURE_SIZE, MeshGenerator
+
+    return MeshGenerator(model, 1, mesh=config.mesh, texture_size=config.texture_size or DEFAULT_TEXTURE_SIZE,
+                         texture_param=config.texture_param or DEFAULT_TEXTURE_PARAM, up=config.mesh_up,
+                         front=config.mesh_front, eval_camera=config.camera_ranges().middle(), **common)

@@ -94,7 +94,7 @@ def run(model, config, progress: bool = True, init_latents: torch.Tensor | None 
             view = state.sample_view(step)
             state.optimizer.zero_grad(set_to_none=True)
             latents = state.generator.latents(model, view)
-            loss = state.method.compute_loss(model, state.context, latents, state.timesteps(step), step)
+            loss = state.loss(latents, step, view)
             watchers.after_loss(step, latents, loss)
             (LOSS_SCALE * loss + state.generator.regularization()).backward()
             state.optimizer.step()
@@ -110,8 +110,13 @@ def run(model, config, progress: bool = True, init_latents: torch.Tensor | None 
 
 
 def view_sampler(config, generator) -> Callable[[int], object]:
-    """Return the function that gives each step's view c: the generator's own (None, or --augment's random crop and
-    warp); 3D generators (needs_cameras) will be shown cameras drawn from the run's camera ranges."""
+    """Return the function that gives each step's view c: cameras drawn from the run's ranges for a 3D generator
+    (needs_cameras), else the generator's own (None, or --augment's random crop and warp)."""
+    if generator.needs_cameras:
+        from guidance.cameras import CameraSampler
+
+        return CameraSampler(config.camera_ranges(), config.views_per_step,
+                             torch.Generator().manual_seed(int(config.seed) + 1))
     return lambda step: generator.sample_view()
 
 
@@ -131,6 +136,8 @@ class RunState:
     scheduler: object
     sample_view: Callable
     init_latents: torch.Tensor
+    first_step: int = 0  # where a resumed run goes on
+    resumed_losses: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     writer: "ImageWriter" = field(default_factory=lambda: ImageWriter())
 
@@ -142,6 +149,11 @@ class RunState:
         record = dict(config.to_record(), name=folder.name, final_image=str(folder.image), status="running",
                       device=str(model.device), started=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
                       command=sys.argv)
+        resume = load_checkpoint(config) if config.resume else None  # read before the folder it may be in is cleared
+        # Going on from this run's own checkpoint replaces what the run wrote so far, whatever it was.
+        resuming_here = resume is not None and Path(config.resume).resolve().parent == folder.dir.resolve()
+        folder.check_replace(record, config.result_fields(), config.overwrite or resuming_here)
+        folder.clear()  # nothing of an earlier run stays beside this one's files
         folder.write_config(record)
         model.reset_lora()  # a reused model starts every run pristine: no LoRA left over from an earlier VSD run
         seed_everything(config.seed)
@@ -159,11 +171,60 @@ class RunState:
         edit_embeddings = torch.cat([uncond, model.get_text_embeds(config.edit_prompt)]) if method.edits else None
         timesteps = timestep_schedule(model, config)
         context = StepContext(model, config, text_embeddings, edit_embeddings, src_latents, timesteps.min_step,
-                              timesteps.max_step)
+                              timesteps.max_step, view_prompts=view_prompts(config, generator),
+                              perp_neg=bool(getattr(config, "perp_neg", False)))
         optimizer = torch.optim.AdamW(generator.param_groups(config.lr), lr=config.lr, weight_decay=0)
         scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, int(config.step * 1.5))
-        return cls(model, config, method, folder, record, context, generator, timesteps, optimizer, scheduler,
-                   view_sampler(config, generator), latents.detach().clone())
+        state = cls(model, config, method, folder, record, context, generator, timesteps, optimizer, scheduler,
+                    view_sampler(config, generator), latents.detach().clone())
+        if resume is not None:
+            state.restore(resume)
+        return state
+
+    def loss(self, latents: torch.Tensor, step: int, view) -> torch.Tensor:
+        """Return the method's loss at this step and view (with --score_clip, its gradient clamped)."""
+        loss = self.method.compute_loss(self.model, self.context.at_view(view), latents, self.timesteps(step), step)
+        if self.config.score_clip:
+            from guidance.core import reparam_loss
+            from guidance.views import clip_score
+
+            loss = reparam_loss(latents, clip_score(self.model.last_guidance["grad"], step))
+        return loss
+
+    def checkpoint(self, steps_done: int, losses: list) -> Path:
+        """Save theta, the optimiser, the schedule and the random streams to <run>/<generator>.pt; return the path."""
+        import io
+
+        state = {"generator": self.generator.checkpoint(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "steps_done": steps_done, "losses": list(losses),
+                 "record": self.config.to_record(), "torch_rng": torch.get_rng_state(),
+                 "camera_rng": self.sample_view.generator.get_state(), "generator_rng": self.generator.rng.get_state()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        path = self.folder.path(f"{self.generator.name}.pt")
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def restore(self, saved: dict) -> None:
+        """Go on from a checkpoint of this same run (UserError naming what differs otherwise)."""
+        from guidance.common import UserError
+
+        mine = self.config.to_record()
+        differ = [f"{k} {saved['record'].get(k)!r} (now {mine[k]!r})" for k in self.config.result_fields()
+                  if k != "step" and json_equal(saved["record"].get(k), mine[k]) is False]
+        if differ:
+            raise UserError(f"--resume: the checkpoint is of another run ({', '.join(differ[:4])}): resume with its "
+                            f"settings, or start afresh without --resume")
+        if saved["steps_done"] >= self.config.step:
+            raise UserError(f"--resume: the checkpoint has done {saved['steps_done']} steps already; give --step "
+                            f"above that to go on")
+        self.generator.restore(saved["generator"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.sample_view.generator.set_state(saved["camera_rng"])
+        self.generator.rng.set_state(saved["generator_rng"])
+        self.first_step, self.resumed_losses = int(saved["steps_done"]), list(saved["losses"])
 
     def sample(self, progress: bool) -> RunResult:
         """Return the result of a sampler method (ddim): the model's own sample, written as finish() writes a run."""
@@ -182,8 +243,8 @@ class RunState:
         """Return the run's result after writing its image (or interrupted / last finite one) and every file."""
         if status == "finished" and not self.generator.finite():
             status = "diverged"
-        with torch.no_grad():
-            latents = self.generator.latents(self.model)  # of the final theta (the loop's are one update behind)
+        with torch.no_grad():  # of the final theta (the loop's are one update behind); a 3D generator's front view
+            latents = self.generator.latents(self.model, self.generator.final_view())
         images = self.generator.image(self.model)
         image_path = self.folder.image if status == "finished" else self.folder.unfinished_image(status)
         self.writer.save(images, image_path)
@@ -206,6 +267,37 @@ class RunState:
                            unet_rows_per_step=unet_rows / steps_done if steps_done else None)
         self.folder.write_config(self.record)
         return RunResult(status, image_path, self.folder.dir, steps_done, losses, seconds, latents.detach())
+
+
+def view_prompts(config, generator):
+    """Return the run's ViewPrompts when its generator draws cameras (guidance/views.py), else None."""
+    if not generator.needs_cameras:
+        return None
+    from guidance.views import ViewPrompts
+
+    return ViewPrompts(config.prompt, enabled=not config.no_view_prompts, interpolate=config.view_interpolation,
+                       ranges=config.camera_ranges())
+
+
+def load_checkpoint(config) -> dict:
+    """Return a checkpoint written by RunState.checkpoint (UserError for a file that is not one)."""
+    from guidance.common import UserError
+
+    try:
+        saved = torch.load(config.resume, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 (any unreadable file is the user's to replace)
+        raise UserError(f"--resume {config.resume}: not a checkpoint this toolkit wrote "
+                        f"({err.__class__.__name__}); give <run>/{config.generator}.pt") from None
+    if not isinstance(saved, dict) or not {"generator", "record", "steps_done"} <= set(saved):
+        raise UserError(f"--resume {config.resume}: not a checkpoint of a run (write one with --checkpoint_every)")
+    return saved
+
+
+def json_equal(a, b) -> bool:
+    """Return whether two values are equal as run_config.json stores them (tuples as lists)."""
+    from guidance.runfolder import as_json
+
+    return as_json(a) == as_json(b)
 
 
 def initial_latents(model, config, folder: RunFolder):
@@ -239,17 +331,18 @@ def encode_then_free_text_encoders(model, prompts) -> None:
 
 # ----------------------------------------------------------------------------------------------- watchers
 class Watchers:
-    """What the loop calls around each step: the loss reader, progress images, guidance logs, the caller's callback
-    and stop request, the progress bar and the UNet-row counter."""
+    """What the loop calls around each step: the loss reader, progress images, guidance logs, checkpoints (3D
+    generators), the caller's callback and stop request, the progress bar and the UNet-row counter."""
 
     def __init__(self, state: RunState, progress: bool, callback, should_stop):
         self.state, self.callback, self.should_stop = state, callback, should_stop
         config = state.config
         self.reader = LossReader(state.generator, LOSS_READ_EVERY.get(state.model.device.type, LOSS_READ_EVERY["default"]),
-                                 config.step)
+                                 config.step, losses=state.resumed_losses)
         self.counter = UnetRowCounter(state.model)
-        self.bar = tqdm(range(config.step), desc=f"{config.loss_type} {state.folder.name[:32]}", disable=not progress,
-                        dynamic_ncols=True)
+        self.bar = tqdm(range(state.first_step, config.step), desc=f"{config.loss_type} {state.folder.name[:32]}",
+                        disable=not progress, dynamic_ncols=True)
+        self.checkpoint_every = config.checkpoint_every if state.generator.needs_cameras else 0
         self.diagnostics = None
         if config.log_guidance or config.tensorboard:
             from guidance.diagnostics import GuidanceLog
@@ -258,7 +351,7 @@ class Watchers:
             self.diagnostics = GuidanceLog(state.folder.dir, config.log_step, config.log_guidance,
                                            Path(tensorboard, config.loss_type, state.folder.name, f"seed_{config.seed}")
                                            if tensorboard else None)
-        self.steps_done, self.lr, self.unet_rows = 0, 0.0, 0
+        self.steps_done, self.lr, self.unet_rows = state.first_step, 0.0, 0
 
     @property
     def losses(self) -> list:
@@ -282,11 +375,15 @@ class Watchers:
             self.diagnostics.after_loss(step, self.state.model, latents, self.losses, self.lr)
 
     def after_step(self, step: int) -> None:
-        """Save the progress image when due and tell the caller."""
+        """Save the progress image and the checkpoint when due, and tell the caller."""
         self.steps_done = step + 1
         state, config = self.state, self.state.config
         if config.log_step and (step % config.log_step == 0 or step == config.step - 1):
             state.writer.save(state.generator.image(state.model), state.folder.progress_image(step), compress_level=1)
+        # Only a theta whose every loss was read finite (a NaN keeps the last finite checkpoint).
+        if self.checkpoint_every and self.steps_done % self.checkpoint_every == 0 and not self.reader.pending \
+                and state.generator.finite():
+            state.checkpoint(self.steps_done, self.losses)
         if self.callback is not None:
             record = getattr(state.model, "last_guidance", None)
             losses = self.losses
@@ -314,9 +411,9 @@ class LossReader:
     CPU wait for the device. A loss that turns NaN/inf raises Diverged at its step; on a GPU the later steps of its
     window already took the NaN gradients, so theta goes back to the window's start (the last finite image read)."""
 
-    def __init__(self, generator, read_every: int, total: int):
+    def __init__(self, generator, read_every: int, total: int, losses: list | None = None):
         self.generator, self.read_every, self.total = generator, read_every, total
-        self.losses, self.pending, self.window_start, self.window_state = [], [], 0, None
+        self.losses, self.pending, self.window_start, self.window_state = list(losses or []), [], 0, None
 
     def before_step(self, step: int) -> None:
         if not self.pending:

@@ -42,6 +42,7 @@ primitive's "file coordinates" are the world frame (z up): glTF viewers, which a
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -157,7 +158,22 @@ def check_texture_size(texture_size: int) -> int:
 
 def load_mesh(source: str, up: str | None = None, front: str | None = None, uv: str = "auto",
               max_faces: int = MAX_FACES, texture_size: int = DEFAULT_TEXTURE_SIZE) -> TexturedMesh:
-    """Return the TexturedMesh of a built-in primitive ('box', 'sphere') or a mesh file (see the module docstring)."""
+    """Return the TexturedMesh of a built-in primitive ('box', 'sphere') or a mesh file (see the module docstring),
+    read once per process for the same file and options (a run checks its mesh before the model loads, then paints
+    it: unwrapping a large mesh takes tens of seconds)."""
+    path = Path(source)
+    stamp = path.stat().st_mtime_ns if source not in PRIMITIVES and path.is_file() else None
+    return _load_mesh_cached(source, stamp, up, front, uv, max_faces, texture_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_mesh_cached(source: str, stamp, up, front, uv, max_faces, texture_size) -> TexturedMesh:
+    return _load_mesh(source, up, front, uv, max_faces, texture_size)
+
+
+def _load_mesh(source: str, up: str | None = None, front: str | None = None, uv: str = "auto",
+               max_faces: int = MAX_FACES, texture_size: int = DEFAULT_TEXTURE_SIZE) -> TexturedMesh:
+    """Return the TexturedMesh of a built-in primitive or a mesh file, read and checked (load_mesh caches it)."""
     if uv not in UV_MODES:
         raise UserError(f"--mesh_uv {uv!r}: use one of {', '.join(UV_MODES)}")
     texture_size = check_texture_size(texture_size)
@@ -430,10 +446,12 @@ def model_defaults(model) -> dict:
     """Return the shading and background a model's world expects: the toy worlds' (albedo on black: their images
     have black backgrounds, and the 3D world's light is baked into its objects, `model.nerf_defaults`), else
     Stable Diffusion's (random lambertian / albedo views on a random solid colour, DreamFusion's augmentations)."""
-    world = getattr(model, "nerf_defaults", None)
-    if isinstance(world, dict):
-        return {"shading": world.get("shading", "albedo"), "background": world.get("background", "black")}
-    if getattr(model, "model_name", "") in ("toy", "toy3d"):
+    from guidance.models import world
+
+    defaults = getattr(model, "nerf_defaults", None)
+    if isinstance(defaults, dict):
+        return {"shading": defaults.get("shading", "albedo"), "background": defaults.get("background", "black")}
+    if world(getattr(model, "model_name", "")) is not None:
         return {"shading": "albedo", "background": "black"}
     return {"shading": "mixed", "background": "random"}
 
@@ -478,6 +496,10 @@ class MeshGenerator(Generator):
                                self.mesh.uv.to(self.device), self.mesh.normals.to(self.device), max_cached_views)
         self.turntable_frames = int(turntable_frames)
         self.eval_camera = eval_camera or CameraRanges().middle()
+
+    def final_view(self) -> list:
+        """Return [the evaluation camera]: the run's final latents (latents.pt) are the front view's."""
+        return [self.eval_camera]
 
     # ------------------------------------------------------------------------------------------- rendering
     def texture_image(self) -> torch.Tensor:

@@ -4,7 +4,7 @@ a row here and a loss in guidance/losses.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -53,10 +53,26 @@ class StepContext:
     min_step: int = 20
     max_step: int = 980
     extra: dict = field(default_factory=dict)  # per-method embeddings, e.g. the bridge's modified prompts
+    view_prompts: object = None  # guidance.views.ViewPrompts of a 3D run: the cond rows follow the cameras
+    perp_neg: bool = False  # the cameras' other views as Perp-Neg negatives (guidance/views.py)
 
     def embeds(self, prompt: str) -> torch.Tensor:
         """Return the model's (cached) embedding of one prompt."""
         return self.model.get_text_embeds(prompt)
+
+    def at_view(self, view) -> "StepContext":
+        """Return the context of one step's view: for cameras (a 3D run), text embeddings with one cond row per
+        camera (its view prompt) and the negative prompt's row repeated; for anything else, this context."""
+        if self.view_prompts is None or view is None:
+            return self
+        uncond = self.text_embeddings[:1]
+        if self.perp_neg:
+            from guidance.views import PerpNegEmbeddings
+
+            rows, weights = self.view_prompts.perp_neg_rows(self.model, view, uncond)
+            return replace(self, text_embeddings=PerpNegEmbeddings(rows, weights))
+        cond = self.view_prompts.embeddings(self.model, view)
+        return replace(self, text_embeddings=torch.cat([uncond.expand(len(view), *uncond.shape[1:]), cond]))
 
 
 @dataclass(frozen=True)
@@ -134,9 +150,14 @@ def bridge_prompts(config) -> list[str]:
 
 
 def run_prompts(config) -> list[str]:
-    """Return every prompt a run encodes, so that a model can encode them all, then free its text encoders."""
+    """Return every prompt a run encodes, so that a model can encode them all, then free its text encoders (a 3D
+    run's view prompts too)."""
     method = METHODS[config.loss_type]
     prompts = [config.negative_prompt, config.prompt] + ([config.edit_prompt] if method.edits else [])
+    if getattr(config, "generator", None) in ("nerf", "mesh") and not config.no_view_prompts:
+        from guidance.views import VIEWS, view_prompt
+
+        prompts += [view_prompt(config.prompt, view) for view in VIEWS]
     return prompts + (method.extra_prompts(config) if method.extra_prompts else [])
 
 

@@ -74,6 +74,14 @@ def check_options(name: str, **options) -> None:
             raise UserError(f"--{option} is for Stable Diffusion models, not the {found.name} world: drop it")
 
 
+def check_prompts(name: str, prompts) -> None:
+    """Raise UserError if a toy world cannot draw one of the prompts (Stable Diffusion takes any text)."""
+    found = world(name)
+    if found is not None and hasattr(found, "check_prompt"):
+        for prompt in prompts:
+            found.check_prompt(prompt)
+
+
 def load_model(model: str, **kwargs):
     """Return the guidance model `model` names: a toy world, or the Stable Diffusion family its weights are.
 

@@ -439,6 +439,10 @@ class NerfGenerator(Generator):
         """Return the evaluation camera: azimuth 0 (the front), the middle of the other ranges."""
         return self.ranges.middle()
 
+    def final_view(self) -> list[Camera]:
+        """Return [the front camera]: the run's final latents (latents.pt) are the front view's."""
+        return [self.front_camera()]
+
     @torch.no_grad()
     def render_rgba(self, camera: Camera, size: int | None = None) -> torch.Tensor:
         """Return [4, H, W] in [0, 1]: RGB over black (premultiplied) and alpha = accumulated opacity.

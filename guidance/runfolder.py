@@ -5,7 +5,11 @@ Layout (the course's): <save_dir>/<name>.png is the result (what eval.py scores)
 rest: run_config.json (every setting, the seed, and a status that says 'finished' only after the PNG), loss.csv,
 latents.pt and init_latents.pt (the final and the initial latents), progress/step_NNNNN.png, particles/,
 source.png (edits), guidance/ (--log_guidance panels), interrupted.png or last_finite.png (a run that did not
-finish), progress.gif (--gif).
+finish), progress.gif (--gif). Generators add artefacts beside the PNG (<name>.svg, <name>.gaussians.pt, meshes).
+
+A run never silently replaces another: starting one where a finished run made with other result settings left its
+files is an error that names both and the fix (--overwrite, or another --save_dir); otherwise the earlier run's
+files are removed first, so that nothing of it is left beside the new result.
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ import re
 import unicodedata
 from pathlib import Path
 
+import shutil
+
 import torch
 
-from guidance.common import atomic_write_bytes, save_json_atomic
+from guidance.common import UserError, atomic_write_bytes, save_json_atomic
 
 # File names made from prompts: at most this many UTF-8 bytes, so that "<name>.png", its temporary twin
 # (".<name>.png.XXXXXXXX.tmp") and the run folder fit the usual 255-byte limit of a file name.
@@ -185,3 +191,51 @@ class RunFolder:
         """Return the saved final (or initial) latents, or None when there are none."""
         path = self.dir / ("init_latents.pt" if initial else "latents.pt")
         return torch.load(path, map_location="cpu") if path.is_file() else None
+
+    # ------------------------------------------------------------------------------------------------ replacing a run
+    ARTEFACT_SUFFIXES = (".png", ".svg", ".gaussians.pt", ".glb", ".obj", ".mtl", ".zip")
+
+    def artefacts(self) -> list[Path]:
+        """Return the files a run writes beside its folder that exist now: the PNG, and generators' SVG, meshes, ..."""
+        return [self.save_dir / f"{self.name}{suffix}" for suffix in self.ARTEFACT_SUFFIXES
+                if (self.save_dir / f"{self.name}{suffix}").is_file()]
+
+    def check_replace(self, record: dict, result_fields, overwrite: bool = False) -> None:
+        """Raise UserError when starting a run with this record here would replace what it should not: a finished
+        result made with other result settings, files that no run of this toolkit made, or a name that differs from
+        another only by case (one file on case-insensitive file systems). overwrite allows the first two."""
+        if self.save_dir.is_dir():
+            for entry in self.save_dir.iterdir():
+                for own in (self.name, f"{self.name}.png"):
+                    if entry.name != own and entry.name.lower() == own.lower():
+                        raise UserError(f"{entry} differs from this run's {own} only by case: on macOS and Windows "
+                                        f"they are one file. Choose another --save_dir, or change the prompt's case")
+        if overwrite:
+            return
+        previous = self.read_config()
+        if previous is None:
+            if self.image.is_file() or (self.dir.is_dir() and any(self.dir.iterdir())):
+                found = self.image if self.image.is_file() else self.dir
+                raise UserError(f"{found} exists but no run of this toolkit made it (no {self.config_path.name}): "
+                                f"move it away, choose another --save_dir, or pass --overwrite to replace it")
+            return
+        if previous.get("status") != "finished":
+            return  # an unfinished run (crashed, stopped, diverged) is what a new run is meant to replace
+        changed = [name for name in result_fields if as_json(previous.get(name)) != as_json(record.get(name))]
+        if changed:
+            what = ", ".join(f"{k} {previous.get(k)!r} -> {record.get(k)!r}" for k in changed[:4])
+            raise UserError(f"{self.image} is the finished result of another run ({what}): this run would replace "
+                            f"it. Choose another --save_dir (e.g. {self.save_dir / str(record.get('loss_type', 'new'))}) "
+                            f"or pass --overwrite to replace it")
+
+    def clear(self) -> None:
+        """Remove an earlier run's files here (its folder and its artefacts beside it), before a new run writes."""
+        for path in self.artefacts():
+            path.unlink()
+        if self.dir.is_dir():
+            shutil.rmtree(self.dir)
+
+
+def as_json(value):
+    """Return value as JSON would bring it back (tuples as lists), for comparing a record with a configuration."""
+    return json.loads(json.dumps(value, default=str))

@@ -281,6 +281,19 @@ class ToyDiffusion(ScoreDistillation):
     size_multiple = SIZE
 
     @staticmethod
+    def check_prompt(prompt: str) -> None:
+        """Raise UserError unless the prompt names one object this world can draw: a colour, a shape or both, one of
+        each at most (what it does not name is any: "a square" is a square of any colour)."""
+        colours, shapes = parse_prompt(prompt)
+        if not colours and not shapes:
+            raise UserError(f"the toy world cannot draw {prompt!r}: it names no colour or shape. Its vocabulary is "
+                            f"{VOCABULARY}; e.g. \"a red circle\" or \"a square\"")
+        if len(colours) > 1 or len(shapes) > 1:
+            named = ", ".join(sorted(colours) + sorted(shapes))
+            raise UserError(f"the toy world draws one shape per image, but {prompt!r} names {named}: give one object, "
+                            f"e.g. \"a red circle\" ({VOCABULARY})")
+
+    @staticmethod
     def scorer() -> "ToyScorer":
         """Return the scorer that plays CLIP's role in eval.py for this world."""
         return ToyScorer()

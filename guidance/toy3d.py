@@ -300,8 +300,12 @@ class Toy3DDiffusion(ScoreDistillation):
     and `nerf_defaults` (the NeRF generator's options for this world).
     """
 
-    name = "toy3d"
-    model_name = "toy3d"
+    name = "toy3d"  # what --model takes
+    model_name = name
+    cpu_threads = 1  # its tensors are small: extra CPU threads only spin-wait
+    prompts_file = Path(__file__).resolve().parent.parent / "data" / "toy3d_prompts.json"  # run_all's default
+    description = f"the toy 3D world: spheres and cubes, 32x32 renders from DreamFusion's cameras ({VOCABULARY})"
+    example = (DEFAULT_PROMPTS[0], None, None)  # prompt, edit prompt, source: the app's first page
     lora_target_modules = ["residual"]
     latent_channels = 3
     latent_size = SIZE
@@ -312,15 +316,16 @@ class Toy3DDiffusion(ScoreDistillation):
     default_lora_lr = DEFAULT_LORA_LR
     default_weighting = "sigma_over_alpha"
     background = BACKGROUND
+    camera_ranges = ViewGrid().ranges()  # the cameras its data covers (an instance with another grid sets its own)
     # Render at the world's size on its black background, unshaded (the light is baked into the objects); a small
     # field with ten times threestudio's rates: a 300-step run takes ~20 s on one CPU thread (tests/test_nerf.py).
     nerf_defaults = {"render_size": SIZE, "background": "black", "shading": "albedo", "samples": 24, "importance": 16,
                      "grid_channels": 8, "hidden": 32, "lrs": {"grid": 0.1, "mlp": 0.01, "background": 0.01}}
 
-    def __init__(self, device=None, precision=torch.float32, t_range=(0.02, 0.98), weighting="uniform",
-                 lora_rank=4, lora_lr=DEFAULT_LORA_LR, vsd_lora_timestep="fresh", channels_last=False,
-                 compile=False, cuda_graphs="auto", grid: ViewGrid = ViewGrid(), size: int = SIZE):
-        self._setup_distillation(t_range, weighting, lora_rank, lora_lr, vsd_lora_timestep)
+    def __init__(self, device=None, precision=torch.float32, t_range=(0.02, 0.98), lora_rank=4,
+                 lora_lr=DEFAULT_LORA_LR, vsd_lora_timestep="fresh", channels_last=False, compile=False,
+                 cuda_graphs="auto", grid: ViewGrid = ViewGrid(), size: int = SIZE):
+        self._setup_distillation(t_range, lora_rank, lora_lr, vsd_lora_timestep)
         if cuda_graphs in ("on", True):
             raise UserError("--cuda_graphs on is for Stable Diffusion: the toy 3D world runs eagerly; use auto or off")
         resolve_precision(precision)
@@ -338,6 +343,19 @@ class Toy3DDiffusion(ScoreDistillation):
         self.unet.to(self.device).eval().requires_grad_(False)
         self.n_views = len(self.view_names)
         self._prior_cache = {}
+
+    @staticmethod
+    def check_prompt(prompt: str) -> None:
+        """Raise UserError unless the prompt names an object of this world (a view phrase may follow)."""
+        objects, _ = parse_prompt(prompt)
+        if len(objects) == len(OBJECTS):
+            raise UserError(f"the toy 3D world cannot draw {prompt!r}: it names no object. Its vocabulary is "
+                            f"{VOCABULARY}")
+
+    @staticmethod
+    def scorer() -> "Toy3DScorer":
+        """Return the scorer that plays CLIP's role in eval.py for this world (the front view)."""
+        return Toy3DScorer()
 
     @property
     def n_templates(self) -> int:
@@ -441,6 +459,8 @@ def main(argv: list[str]) -> int:
     print(f"wrote {len(paths)} files under {folder}")
     return 0
 
+
+WORLD = Toy3DDiffusion  # guidance/models.py finds the world here
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

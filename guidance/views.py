@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from guidance.cameras import OVERHEAD_ELEVATION, Camera, CameraRanges, wrap_azimuth
+from guidance.cameras import OVERHEAD_ELEVATION, VIEWS, Camera, CameraRanges, wrap_azimuth  # noqa: F401 (VIEWS)
 
 INTERPOLATED_VIEWS = ("front", "side", "back")
 # threestudio's Perp-Neg weights f(r) = a exp(-b r) + c: (a, b, c) for each negative prompt, by region.
@@ -120,6 +120,17 @@ class ViewPrompts:
         rows = torch.cat([uncond.expand(n, *uncond.shape[1:]), self.embeddings(model, cameras), torch.cat(neg_rows)])
         weights = torch.tensor([[w for _, w in negs] for negs in negatives], dtype=torch.float32)
         return rows, weights
+
+
+class PerpNegEmbeddings:
+    """The text embeddings of a Perp-Neg step: the rows of ViewPrompts.perp_neg_rows and their negatives' weights.
+
+    Passed where a loss takes cat[uncond, cond]; guidance/core.py's get_noise_preds combines the rows by Perp-Neg
+    (perp_neg_noise_preds) in place of classifier-free guidance.
+    """
+
+    def __init__(self, rows: torch.Tensor, weights: torch.Tensor):
+        self.rows, self.weights = rows, weights
 
 
 def perpendicular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ def test_ddim_samples_of_the_toy_are_samples_and_sds_results_are_modes(tmp_path)
     for method, extra in (("ddim", []), ("sds", ["--guidance_scale", "7.5", "--step", "300"])):
         for seed in range(3):
             args = main.parse_args(["--model", "toy", "--prompt", "a red circle", "--loss_type", method, "--seed",
-                                    str(seed), "--save_dir", str(tmp_path / method), "--log_step", "0", *extra])
+                                    str(seed), "--save_dir", str(tmp_path / method / f"seed_{seed}"), "--log_step",
+                                    "0", *extra])
             result = main.run(model, args, progress=False)
             figures = image_metrics(result.latents[0], "a red circle")
             assert figures["in_class"]

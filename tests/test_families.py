@@ -314,11 +314,12 @@ def test_run_all_runs_every_method_on_every_family(folders, src_img, tmp_path, f
     assert model.text_encoder is None and model._text_encoders_freed
 
 
-def test_run_prompts_lists_what_a_run_encodes():
-    args = main.parse_args(["--model", "toy", "--prompt", "a cat", "--loss_type", "bridge"])
-    assert run_prompts(args) == ["low quality", "a cat", "a cat" + args.bridge_src_modifier,
-                                 "a cat" + args.bridge_tgt_modifier]
-    assert "" in run_prompts(main.parse_args(["--model", "toy", "--prompt", "a cat", "--loss_type", "nfsd"]))
+def test_run_prompts_lists_what_a_run_encodes(tmp_path):
+    base = ["--model", "toy", "--prompt", "a circle", "--save_dir", str(tmp_path)]
+    args = main.parse_args(base + ["--loss_type", "bridge"])
+    assert run_prompts(args) == ["low quality", "a circle", "a circle" + args.bridge_src_modifier,
+                                 "a circle" + args.bridge_tgt_modifier]
+    assert "" in run_prompts(main.parse_args(base + ["--loss_type", "nfsd"]))
 
 
 def test_free_text_encoders_keeps_the_cache_and_refuses_new_prompts(folders):

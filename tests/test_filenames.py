@@ -75,12 +75,13 @@ def _tree(root: Path) -> set[Path]:
 
 
 @pytest.mark.parametrize("prompt", ["x/../../y", "..", "/etc/passwd", "CON", LONG, "a red\ncircle"])
-def test_cli_with_a_hostile_prompt_writes_only_inside_save_dir(prompt, tmp_path, capsys):
+def test_cli_with_a_hostile_prompt_writes_only_inside_save_dir(prompt, tmp_path, capsys, tiny_sd_dir):
+    # Stable Diffusion (the tiny one) takes any text; the toy world would refuse these prompts as undrawable.
     save_dir = tmp_path / "a" / "b" / "out"
     before = _tree(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: main.main(["--model", "toy", "--prompt", prompt, "--step", "3", "--log_step", "1",
-                                   "--save_dir", str(save_dir)]))
+        run_cli(lambda: main.main(["--model", str(tiny_sd_dir), "--prompt", prompt, "--step", "3", "--log_step", "1",
+                                   "--save_dir", str(save_dir), "--device", "cpu"]))
     out, err = capsys.readouterr()
     assert exc.value.code == 0, err
     assert "Traceback" not in out + err

@@ -201,7 +201,7 @@ def test_cli_runs_every_loss_with_every_generator_on_tiny_sd(tiny_sd_dir, tmp_pa
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--render_size", "128"], "--render_size is for --generator pixels / gaussians / vector, not latent"),
+    (["--render_size", "128"], "--render_size is for --generator pixels / gaussians / vector / nerf / mesh, not latent"),
     (["--generator", "pixels", "--num_shapes", "8"], "--num_shapes is for --generator gaussians / vector"),
     (["--augment"], "--augment is for"),
     (["--generator", "vector", "--num_shapes", "0"], "--num_shapes 0 must be between 1 and"),
@@ -213,7 +213,7 @@ def test_bad_generator_flags_fail_before_loading(tmp_path, flags, fragment):
 
 
 def test_generator_names_are_the_clis(tmp_path):
-    assert GENERATORS == ("latent", "pixels", "gaussians", "vector")
+    assert GENERATORS == ("latent", "pixels", "gaussians", "vector", "nerf", "mesh")
     config = main.parse_args(["--model", "toy", "--prompt", "a red circle", "--save_dir", str(tmp_path)])
     assert config.generator == "latent"
     choices = next(a for a in main.build_parser()._actions if a.dest == "generator").choices

@@ -63,8 +63,8 @@ def model():
 
 def distil(model, tmp_path, *argv: str, seed: int = 0) -> tuple[main.RunResult, torch.Tensor]:
     """Return main.run's result and its final latents (unclamped) for `main.py --model toy ARGV`."""
-    args = main.parse_args(["--model", "toy", "--seed", str(seed), "--save_dir", str(tmp_path), "--log_step", "0",
-                            "--device", "cpu", *argv])
+    args = main.parse_args(["--model", "toy", "--seed", str(seed), "--save_dir", str(tmp_path / f"seed_{seed}"),
+                            "--log_step", "0", "--device", "cpu", "--overwrite", *argv])
     final = {}
     decode = model.decode_latents
 

@@ -34,7 +34,7 @@ def run(model, tmp_path, monkeypatch):
 
     def distil(method, seed, *flags, prompt="a red circle"):
         argv = ["--model", "toy", "--prompt", prompt, "--loss_type", method, "--seed", str(seed), "--save_dir",
-                str(tmp_path), "--log_step", "0", "--device", "cpu", *flags]
+                str(tmp_path / f"{method}_seed_{seed}"), "--log_step", "0", "--device", "cpu", "--overwrite", *flags]
         if METHODS[method].edits:
             argv += ["--edit_prompt", "a blue circle", "--src_img_path", SOURCE]
         result = main.run(model, main.parse_args(argv), progress=False)
