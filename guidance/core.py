@@ -295,26 +295,59 @@ class DistillationCore:
         if self.graphs is not None:
             self.graphs.clear()
 
-    def lora_training_step(self, x_t: torch.Tensor, t: int, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Return eps_phi(x_t, t, y), detached, after one AdamW step of the LoRA on ||eps_phi(x_t, t, y) - noise||^2."""
+    def lora_loss(self, x0: torch.Tensor, t: int, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Return the loss the LoRA's training step minimises at t: mean ||out_phi(x_t, t, y) - target||^2.
+
+        x_t = alpha_t x0 + sigma_t noise; out_phi is the denoiser's native output (with its LoRA) and target what the
+        model was trained to output (schedule.training_target): noise (epsilon), alpha_t noise - sigma_t x0
+        (v-prediction), noise - x0 (flow). An eps-MSE would be alpha_t^2 times the v-loss (0.006 at t = 980 on SD's
+        path) and (1 - sigma_t)^2 times the velocity loss, so high-noise steps would barely train. cond: the
+        prompt's conditional embedding, one row or one per latent.
+        """
+        x_t, timesteps, cond, target, _ = self._lora_inputs(x0, t, noise, cond)
+        return self._lora_objective(x_t, timesteps, cond, target)[1]
+
+    def _lora_inputs(self, x0: torch.Tensor, t: int, noise: torch.Tensor, cond: torch.Tensor) -> tuple:
+        """Return (x_t, timesteps, cond, target, eps coefficients): the tensors one LoRA training step reads."""
+        x_t = self.schedule.add_noise(x0, noise, t)
+        timesteps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+        target = self.schedule.training_target(self.prediction_type, x0, noise, t)
+        cond = self._expand_rows(cond, x0.shape[0]).to(self.dtype)
+        return x_t, timesteps, cond, target, self._eps_coefficients(t, noise)
+
+    def _lora_objective(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (the denoiser's native output with the LoRA, its MSE to target), with autograd when enabled."""
+        out = self._unet_output(x_t.to(self.dtype), timesteps, cond).to(target.dtype)
+        return out, F.mse_loss(out, target)
+
+    def _lora_step(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, target: torch.Tensor,
+                   eps_coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (eps_phi(x_t) detached, the loss detached) after one AdamW step of the LoRA on _lora_objective.
+
+        The one LoRA training step: run eagerly, or captured and replayed by a CUDA graph (every input a tensor,
+        so that a replay reads new values; eps_coefficients = [a, b] with eps = a * output + b * x_t).
+        """
+        self.lora_optimizer.zero_grad(set_to_none=True)
+        out, loss = self._lora_objective(x_t, timesteps, cond, target)
+        loss.backward()
+        self.lora_optimizer.step()
+        return (eps_coefficients[0] * out + eps_coefficients[1] * x_t).detach(), loss.detach()
+
+    def lora_training_step(self, x0: torch.Tensor, t: int, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Return eps_phi(x_t, t, y), detached, after one AdamW step of the LoRA on lora_loss(x0, t, noise, cond)."""
+        inputs = self._lora_inputs(x0, t, noise, cond)
         if self.graphs is None or self.lora_checkpointing:  # a recomputing backward runs eagerly
-            eps_lora = self.predict_eps(x_t, t, cond)
-            loss = F.mse_loss(eps_lora, noise)
-            self.lora_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.lora_optimizer.step()
-            self.last_lora_loss = loss.detach()
-            return eps_lora.detach()
-        timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        eps_lora, self.last_lora_loss = self.graphs.train_step(
-            self.unet, x_t, timesteps, cond.to(self.dtype), noise, self._eps_coefficients(t, noise), self.dtype,
-            self.lora_optimizer, self.lora_parameters, forward=self._unet_output)
+            eps_lora, self.last_lora_loss = self._lora_step(*inputs)
+        else:
+            eps_lora, self.last_lora_loss = self.graphs.train_step(("lora",), self._lora_step, inputs,
+                                                                   self.lora_optimizer, self.lora_parameters)
         return eps_lora
 
     def train_lora(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Take one AdamW step of the LoRA's denoising loss ||eps_phi(x_t, t, y) - eps||^2 at a fresh t ~ U[0, T); return the loss."""
+        """Take one AdamW step of the LoRA's denoising loss (lora_loss) at a fresh t ~ U[0, T) and fresh noise; return the loss."""
         self.enable_lora()
         t = int(torch.randint(0, self.schedule.num_train_timesteps, (1,)).item())
         noise = torch.randn(latents.shape, device=latents.device, dtype=grad_dtype(latents))
-        self.lora_training_step(self.schedule.add_noise(latents, noise, t), t, cond, noise)
+        self.lora_training_step(latents, t, cond, noise)
         return self.last_lora_loss

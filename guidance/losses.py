@@ -86,8 +86,9 @@ class ScoreDistillation(DistillationCore):
 
         ProlificDreamer (Wang et al., NeurIPS 2023), eq. 9: eps_phi is the same UNet with a LoRA (adapters disabled
         for the pretrained branch), conditioned on the prompt only. Each call then takes one AdamW step of the
-        LoRA on the detached particles (eq. 10, target = noise): at a fresh t ~ U[0, T) and fresh noise by
-        default, or on this very x_t when vsd_lora_timestep='shared' (one LoRA forward serves both).
+        LoRA on the detached particles (eq. 10; lora_loss: the model's own training target, noise for epsilon
+        models): at a fresh t ~ U[0, T) and fresh noise by default, or on this very x_t when
+        vsd_lora_timestep='shared' (one LoRA forward serves both).
         """
         self.enable_lora()
         t = self.sample_timestep(t)
@@ -98,7 +99,8 @@ class ScoreDistillation(DistillationCore):
             with self.lora_disabled():
                 eps_pretrained = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
         if self.vsd_lora_timestep == "shared":
-            eps_lora = self.lora_training_step(x_t, t, cond, noise)  # one LoRA forward with autograd serves both
+            # one LoRA forward with autograd serves both (it recomputes this very x_t from x and noise)
+            eps_lora = self.lora_training_step(latents.detach().to(noise.dtype), t, cond, noise)
         else:
             with torch.no_grad():
                 eps_lora = self.predict_eps(x_t, t, cond)

@@ -101,13 +101,23 @@ class NoiseSchedule:
             return torch.stack([table[:, 0], torch.ones_like(table[:, 0])], dim=1)
         raise ValueError(f"unknown prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
 
+    def training_target(self, prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """Return what a model of this output type is trained to output at x_t = alpha_t x0 + sigma_t noise.
+
+        epsilon: noise; v-prediction: v = alpha_t noise - sigma_t x0; flow velocity: d x_t / d sigma_t = noise - x0
+        (on the rectified-flow path). VSD's LoRA trains on it (DistillationCore.lora_loss), as the model itself was.
+        """
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.alpha(t) * noise - self.sigma(t) * x0
+        if prediction_type == "flow":
+            return noise - x0
+        raise ValueError(f"unknown prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+
     def eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
         """Return eps = alpha_t v + sigma_t x_t, for v-prediction models."""
         return self.alpha(t) * v + self.sigma(t) * x_t
-
-    def eps_from_v_table(self) -> torch.Tensor:
-        """Return the [T, 2] float64 table of eps_from_v's coefficients (alpha_t, sigma_t) for every t."""
-        return self.eps_coefficients("v_prediction")
 
     def posterior_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
         """Return (c_x0, c_xt, std) of q(x_{t_prev} | x_t, x0) = N(c_x0 x0 + c_xt x_t, std^2 I) on any Gaussian path.
