@@ -134,21 +134,36 @@ class DistillationCore:
 
         t is one integer for every row, or a sequence / 1-D tensor of one integer timestep per row.
         """
-        if isinstance(t, int):
-            timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        else:
-            timesteps = torch.as_tensor(t, dtype=torch.long).to(x_t.device)
-        x, c = x_t.to(self.dtype), encoder_hidden_states.to(self.dtype)
-        if self.graphs is not None and not torch.is_grad_enabled():
-            out = self.graphs.call(("unet", self._adapters_on), self._unet_output, x, timesteps, c)
-        else:
-            out = self._unet_output(x, timesteps, c)
-        out = out.to(grad_dtype(x_t))
+        timesteps = self._timesteps(t, x_t)
+        out = self._denoise(x_t, timesteps, encoder_hidden_states)
         if self.prediction_type != "epsilon":
             a, b = self._eps_coefficients(timesteps, out).unbind(-1)
             shape = (-1,) + (1,) * (out.dim() - 1)
             out = a.view(shape) * out + b.view(shape) * x_t.to(out.dtype)
         return out
+
+    def predict_output(self, x_t: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Return the denoiser's native output (eps, v or the flow velocity: prediction_type) in x_t's grad_dtype.
+
+        As predict_eps, and t may also be a float (one for every row): a sampler's real timestep on the
+        rectified-flow path (SD 3), passed to the denoiser as float32, as diffusers' pipeline passes it.
+        """
+        return self._denoise(x_t, self._timesteps(t, x_t), encoder_hidden_states)
+
+    def _timesteps(self, t, x_t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, (int, float)):
+            dtype = torch.long if isinstance(t, int) else torch.float32
+            return torch.full((x_t.shape[0],), t, device=x_t.device, dtype=dtype)
+        return torch.as_tensor(t, dtype=torch.long).to(x_t.device)
+
+    def _denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Return the denoiser's output in x_t's grad_dtype (replayed from a CUDA graph under no_grad when graphed)."""
+        x, c = x_t.to(self.dtype), encoder_hidden_states.to(self.dtype)
+        if self.graphs is not None and not torch.is_grad_enabled():
+            out = self.graphs.call(("unet", self._adapters_on), self._unet_output, x, timesteps, c)
+        else:
+            out = self._unet_output(x, timesteps, c)
+        return out.to(grad_dtype(x_t))
 
     def _unet_output(self, x: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(x, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -162,11 +177,13 @@ class DistillationCore:
             self._eps_table = table
         return table[t]
 
-    def predict_uncond_cond(self, x_t: torch.Tensor, t, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_uncond_cond(self, x_t: torch.Tensor, t, text_embeddings: torch.Tensor,
+                            output: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
         """Return (eps_uncond, eps_cond) for every row of x_t from ONE batched UNet call on [x_t; x_t].
 
         text_embeddings = cat[uncond, cond], each with n rows; n must divide the latents' batch B, and row i
         of the latents is paired with row i // (B / n) (so PDS and DDS pass cat[src_u, tgt_u, src_c, tgt_c]).
+        output="native" returns the denoiser's own outputs instead (predict_output: v, velocity).
         """
         batch = x_t.shape[0]
         uncond, cond = text_embeddings.chunk(2)
@@ -175,10 +192,10 @@ class DistillationCore:
         repeat = batch // uncond.shape[0]
         if repeat > 1:
             uncond, cond = uncond.repeat_interleave(repeat, 0), cond.repeat_interleave(repeat, 0)
-        if not isinstance(t, int):
+        if not isinstance(t, (int, float)):
             t = torch.cat([torch.as_tensor(t), torch.as_tensor(t)])
-        eps = self.predict_eps(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond]))
-        return eps.chunk(2)
+        predict = self.predict_eps if output == "eps" else self.predict_output
+        return predict(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond])).chunk(2)
 
     def get_noise_preds(self, latents_noisy: torch.Tensor, t: int, text_embeddings: torch.Tensor,
                         guidance_scale: float) -> torch.Tensor:
@@ -209,21 +226,26 @@ class DistillationCore:
         return x
 
     @torch.no_grad()
-    def ddim_sample(self, x_t: torch.Tensor, timesteps: list[int], text_embeddings: torch.Tensor,
+    def ddim_sample(self, x_t: torch.Tensor, steps: list[tuple], text_embeddings: torch.Tensor,
                     guidance_scale: float | None = None) -> torch.Tensor:
-        """Return the end of a deterministic DDIM (eta 0) trajectory from x_t through the descending `timesteps`.
+        """Return the end of a deterministic DDIM (eta 0) trajectory from x_t through the moves `steps`.
 
-        timesteps[0] is x_t's timestep; a last entry -1 returns x0_hat (clean data). text_embeddings is one
-        prompt's embedding (guidance_scale None) or cat[uncond, cond] with CFG at guidance_scale. One UNet call
-        per step (batch 2B with CFG).
+        steps: (t, t_next) pairs, descending (schedule.sampler_steps(n): the model's own sampler); t_next = -1 ends at
+        x0_hat (clean data). text_embeddings is one prompt's embedding (guidance_scale None) or cat[uncond, cond]
+        with CFG at guidance_scale, on the denoiser's native output (as diffusers' pipelines; the same as CFG on eps,
+        an affine map of it). x0_hat and eps come from that output as the scheduler computes them (SD 3 starts at
+        sigma = 1, where eps alone cannot give x0_hat), x0_hat clamped as the model's DDIM config says
+        (clip_sample). One UNet call per step (batch 2B with CFG).
         """
         x = x_t.detach().to(grad_dtype(x_t))
-        for t_k, t_next in zip(timesteps[:-1], timesteps[1:]):
+        for t, t_next in steps:
             if guidance_scale is None:
-                eps = self.predict_eps(x, t_k, self._expand_rows(text_embeddings, x.shape[0]))
+                out = self.predict_output(x, t, self._expand_rows(text_embeddings, x.shape[0]))
             else:
-                eps = self.get_noise_preds(x, t_k, text_embeddings, guidance_scale)
-            x = self.schedule.ddim_step(x, eps, t_k, t_next)
+                out_uncond, out_cond = self.predict_uncond_cond(x, t, text_embeddings, output="native")
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            x0_hat, eps = self.schedule.x0_and_eps(self.prediction_type, out, x, t)
+            x = self.schedule.ddim_update(x0_hat, eps, t_next, x0_clip=self.schedule.x0_clip)
         return x
 
     # ----------------------------------------------------------------------------------------- LoRA (VSD)

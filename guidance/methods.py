@@ -107,19 +107,15 @@ def call_loss(method: Method, model, context: StepContext, latents: torch.Tensor
     return loss_fn(latents, text_embeddings, **keywords)
 
 
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """Return a DDIM sampler's descending timesteps: steps values from T - 1 down, then 0.
-
-    The sample is x at t = 0, as Stable Diffusion's DDIM (set_alpha_to_one=False) returns it; jumping to x0_hat
-    from the last step instead would return a posterior mean, smoother than a sample (measured in the toy world:
-    a residual of 0.017 to the nearest template instead of 0.044; the data's std is 0.05).
-    """
-    return [round((num_train_timesteps - 1) * (1 - k / steps)) for k in range(steps)] + [0]
-
-
 def ddim_sample(model, context: StepContext, x_T: torch.Tensor) -> torch.Tensor:
-    """Return the model's own deterministic DDIM sample (eta 0) of the prompt, CFG at the run's guidance scale."""
-    steps = ddim_timesteps(model.schedule.num_train_timesteps, context.config.ddim_steps)
+    """Return the model's own deterministic sample of the prompt from x_T, CFG at the run's guidance scale.
+
+    The moves are the model's diffusers scheduler's (schedule.sampler_steps: DDIMScheduler with the model's scheduler
+    config for SD 1.x / 2.x / SDXL, e.g. SD 2.1's 981, 961, ..., 1, 0; FlowMatchEulerDiscreteScheduler with its shift
+    for SD 3), so the result is the latents of the diffusers pipeline run from the same x_T, prompt, negative prompt,
+    guidance and steps (tests/test_fidelity.py). The toy world takes SD 1.x / 2.x's config values.
+    """
+    steps = model.schedule.sampler_steps(context.config.ddim_steps)
     return model.ddim_sample(x_T, steps, context.text_embeddings, context.config.guidance_scale)
 
 
@@ -200,7 +196,8 @@ METHODS = {m.name: m for m in (
            options={"inversion_steps": 10, "sdi_eta": 0.0}),
     # Baselines a comparison needs beside the losses: the model's own samples, and SDS started from the source.
     Method(name="ddim", title="DDIM sampling (the reference)", paper="Song et al., ICLR 2021, eq. 12 with eta = 0",
-           gradient="none: x_{t'} = alpha_{t'} x0_hat(x_t) + sigma_{t'} eps_cfg_s(x_t), from x_T ~ N(0, I)",
+           gradient="none: x_{t'} = alpha_{t'} x0_hat(x_t) + sigma_{t'} eps_cfg_s(x_t), from x_T ~ N(0, I), on the "
+                    "model's diffusers scheduler's timesteps (the pipeline's own sample)",
            guidance_scale=7.5, steps=50, weighting="uniform", unet_rows="2B per sampling step",
            options={"ddim_steps": 50}, sampler=ddim_sample),
     Method(name="sds_edit", title="SDS from the source (editing baseline)",

@@ -91,3 +91,95 @@ def test_vsd_lora_trains_on_the_models_own_target(folders, loaded, family):
     model.lora_training_step(x0, t, cond, noise)
     assert torch.allclose(model.last_lora_loss, expected, rtol=1e-9)  # the step's loss is lora_loss
     assert model.lora_loss(x0, t, noise, cond) < expected  # and one step lowered it
+
+
+# ----------------------------------------------------------------------------------------- ddim: the pipeline's sample
+def pipeline_sample(pipe, x_T: torch.Tensor, steps: int, negative_prompt, guidance: float = 7.5,
+                    float64_schedule: bool = False) -> torch.Tensor:
+    """Return the diffusers pipeline's latents from x_T (output_type="latent"): for SD 1.x / 2.x and SDXL with a
+    DDIMScheduler made from the model's scheduler config, for SD 3 with its own flow-matching scheduler (shift).
+    float64_schedule: the DDIMScheduler's alphas_cumprod (float32 in diffusers) recomputed in float64 from its
+    config, so that only the arithmetic of the sampler itself is compared."""
+    from diffusers import DDIMScheduler
+
+    from reference import ReferenceSchedule
+
+    scheduler = pipe.scheduler
+    if pipe.__class__.__name__ != "StableDiffusion3Pipeline":
+        pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+        if float64_schedule:
+            exact = ReferenceSchedule(pipe.scheduler.config).alphas_cumprod
+            pipe.scheduler.alphas_cumprod = exact
+            pipe.scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) \
+                if pipe.scheduler.config.set_alpha_to_one else exact[0]
+    try:
+        height, width = (side * pipe.vae_scale_factor for side in x_T.shape[-2:])
+        with torch.no_grad():
+            return pipe(prompt=PROMPT, negative_prompt=negative_prompt, guidance_scale=guidance,
+                        num_inference_steps=steps, latents=x_T.clone(), height=height, width=width,
+                        output_type="latent").images
+    finally:
+        pipe.scheduler = scheduler
+
+
+def our_ddim(model, x_T: torch.Tensor, steps: int, uncond: torch.Tensor, guidance: float = 7.5) -> torch.Tensor:
+    """Return what `--loss_type ddim` computes (methods.ddim_sample) from x_T."""
+    from types import SimpleNamespace
+
+    from guidance.methods import StepContext, ddim_sample
+
+    config = SimpleNamespace(ddim_steps=steps, guidance_scale=guidance)
+    context = StepContext(model, config, torch.cat([uncond, model.get_text_embeds(PROMPT)]))
+    return ddim_sample(model, context, x_T)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_ddim_is_the_pipelines_own_sample(loaded, family):
+    """--loss_type ddim from x_T gives the diffusers pipeline's latents from the same x_T, prompt, negative prompt,
+    guidance and steps (to diffusers' float32 scheduler coefficients; to float64 rounding with them in float64).
+    Fails with our old equal
+    grid (999, 899, ...: SD's leading spacing with steps_offset 1 is 901, 801, ..., 1), without SD 3's shift (3.0),
+    with the last move ending at clean data where the config says alpha-bar_0 (or the reverse: the tiny SDXL's
+    Euler config leaves DDIM's set_alpha_to_one and clip_sample at their defaults, True), or on SDXL with time ids
+    of another size."""
+    model, pipe = loaded(family)
+    steps = 10
+    x_T = randn(model, 20)
+    expected = pipeline_sample(pipe, x_T, steps, NEGATIVE)
+    got = our_ddim(model, x_T, steps, model.get_text_embeds(NEGATIVE))
+    assert (expected - x_T).abs().mean() > 0.1  # the sampler moved
+    # diffusers' schedulers hold alphas_cumprod (SD 3: sigmas) in float32: measured up to 7e-6 (SDXL)
+    assert (got - expected).abs().max().item() <= 2e-5 * max(expected.abs().max().item(), 1.0)
+    if family != "sd3":  # with diffusers' DDIM coefficients in float64, the same to float64 rounding
+        exact = pipeline_sample(pipe, x_T, steps, NEGATIVE, float64_schedule=True)
+        assert (got - exact).abs().max().item() <= 1e-10 * max(exact.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("offset, set_alpha_to_one", [(0, True), (1, False)])
+def test_sampler_steps_are_ddimschedulers_moves(spacing, offset, set_alpha_to_one):
+    """Each (t, t_next) of sampler_steps is a DDIMScheduler.step: its set_timesteps grid, and the move it makes
+    from t (to t - T // n, for trailing and linspace spacing not always the next grid point; below 0 to alpha-bar_0
+    or to clean data), checked by running the scheduler's step on a made-up eps (its alphas_cumprod in float64).
+    Fails if our grid or the move's end differ from diffusers' for any spacing, offset or final-alpha setting."""
+    from diffusers import DDIMScheduler
+
+    from guidance.schedule import DDIMConfig, NoiseSchedule
+    from reference import ReferenceSchedule
+
+    scheduler = DDIMScheduler(timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=set_alpha_to_one,
+                              clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    exact = ReferenceSchedule(scheduler.config).alphas_cumprod
+    scheduler.alphas_cumprod = exact
+    scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else exact[0]
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    assert schedule.ddim == DDIMConfig(spacing, offset, set_alpha_to_one, False)
+    gen = torch.Generator().manual_seed(0)
+    x, eps = (torch.randn(1, 4, 2, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    for n in (7, 16, 50):
+        scheduler.set_timesteps(n)
+        steps = schedule.sampler_steps(n)
+        assert [t for t, _ in steps] == scheduler.timesteps.tolist()
+        for t, t_next in steps:
+            expected = scheduler.step(eps, t, x).prev_sample
+            assert torch.allclose(schedule.ddim_step(x, eps, t, t_next), expected, rtol=1e-12, atol=1e-12), (n, t)
