@@ -12,12 +12,16 @@ records what it aimed at in `last_guidance`.
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
 
 from guidance.core import DistillationCore, grad_dtype, reparam_loss
+from guidance.schedule import timestep_grid
 
+PDS_VARIANTS = ("paper", "official")
+PDS_OFFICIAL_STEPS = 500  # the official PDS code's DDIM grid (PDSConfig.num_inference_steps)
 NFSD_SMALL_T = 200  # NFSD: below this t, delta_D is eps_null alone (the negative prompt's term is dropped)
 
 
@@ -52,17 +56,32 @@ class ScoreDistillation(DistillationCore):
 
     def get_pds_loss(self, src_latents: torch.Tensor, tgt_latents: torch.Tensor, src_text_embedding: torch.Tensor,
                      tgt_text_embedding: torch.Tensor, guidance_scale: float = 7.5, grad_scale: float = 1,
-                     t: int | None = None, noise=None, weighting: str = "uniform") -> torch.Tensor:
+                     t: int | None = None, noise=None, weighting: str = "uniform",
+                     variant: str = "paper") -> torch.Tensor:
         """Return the PDS loss; its gradient w.r.t. tgt_latents is grad_scale * w(t) * (z_tgt - z_src).
 
-        Posterior Distillation Sampling (Koo et al., CVPR 2024, eq. 9), noise_t and noise_{t-1} shared by both sides:
-            x_t = alpha_t x0 + sigma_t noise_t,   x_{t-1} = alpha_{t-1} x0 + sigma_{t-1} noise_{t-1},
-            x0_hat = (x_t - sigma_t eps_cfg_s(x_t)) / alpha_t,   z = (x_{t-1} - mu(x_t, x0_hat)) / std_t,
-        with mu, std the Gaussian posterior q(x_{t-1} | x_t, x0_hat). Source and target: one batch-4 UNet call.
-        The paper's weighting is uniform (the course's default).
+        Posterior Distillation Sampling (Koo et al., CVPR 2024, eq. 9), noise_t and noise_s shared by both sides:
+            x_t = alpha_t x0 + sigma_t noise_t,   x_s = alpha_s x0 + sigma_s noise_s,
+            x0_hat = (x_t - sigma_t eps_cfg_s(x_t)) / alpha_t,   z = (x_s - mu(x_t, x0_hat)) / std,
+        mu = c_x0 x0_hat + c_xt x_t. Source and target: one batch-4 UNet call. The paper's weighting is uniform.
+        variant "paper" (the course's form): s = t - 1 and the exact posterior q(x_s | x_t, x0_hat); then
+        c_x0 + c_xt alpha_t = alpha_s, the x_tgt - x_src terms cancel and z_tgt - z_src = c_x0 sigma_t / (alpha_t std)
+        (eps_cfg(x_t^tgt) - eps_cfg(x_t^src)): DDS reweighted by t, whatever noise_s is.
+        variant "official" (KAIST-Visual-AI-Group/PDS's pds.py): t moves to the authors' grid (pds_official_timesteps:
+        500 DDIM steps of the model's spacing, s = the grid point before t, t - 2 on SD's) and the coefficients are
+        schedule.one_step_posterior_coefficients; their mismatch leaves k(t) (x_tgt - x_src) in the gradient,
+        k = (alpha_s - c_x0 - c_xt alpha_t) / std > 0, which pulls the edit back toward the source (k = 1.6 at
+        t = 21, 0.03 at t = 501 on SD's path).
         """
         t = self.sample_timestep(t)
-        t_prev = t - 1
+        if variant == "paper":
+            t_prev = t - 1
+            c_x0, c_xt, std = self.schedule.posterior_coefficients(t, t_prev)
+        elif variant == "official":
+            t, t_prev = self.pds_official_timesteps(t)
+            c_x0, c_xt, std = self.schedule.one_step_posterior_coefficients(t, t_prev)
+        else:
+            raise ValueError(f"unknown PDS variant {variant!r}: use one of {', '.join(PDS_VARIANTS)}")
         noise_t, noise_t_prev = (None, None) if noise is None else noise
         noise_t = self._noise_like(tgt_latents, noise_t)
         noise_t_prev = self._noise_like(tgt_latents, noise_t_prev)
@@ -74,10 +93,22 @@ class ScoreDistillation(DistillationCore):
                 eps_hat = self.get_noise_preds(x_t, t, _pair_rows(src_text_embedding, tgt_text_embedding),
                                                guidance_scale)
             x0_hat = self.schedule.predict_x0(x_t, eps_hat, t)
-            mu = self.schedule.posterior_mean(x0_hat, x_t, t, t_prev)
-            z_src, z_tgt = ((x_t_prev - mu) / self.schedule.posterior_std(t, t_prev)).chunk(2)
+            mu = c_x0 * x0_hat + c_xt * x_t
+            z_src, z_tgt = ((x_t_prev - mu) / std).chunk(2)
         grad = grad_scale * self.schedule.weight(t, weighting) * (z_tgt - z_src)
         return self._record(tgt_latents, grad, t, x_t.chunk(2)[1], eps_hat.chunk(2)[1])
+
+    def pds_official_timesteps(self, t: int) -> tuple[int, int]:
+        """Return (t, t_prev) on the official PDS code's grid: the model's DDIM grid of PDS_OFFICIAL_STEPS steps (SD:
+        1, 3, ..., 999), t moved to the grid point at or below it and t_prev the point before (t - 2 on SD's).
+
+        The authors draw a grid index uniformly in [int(0.02 n), int(0.98 n)); the loop's t, uniform over the integers
+        of the t range, lands on each of those grid points equally often (SD's [20, 980]: 21, ..., 979 twice each,
+        and 19 once).
+        """
+        grid = sorted(timestep_grid(self.schedule.num_train_timesteps, PDS_OFFICIAL_STEPS, self.schedule.ddim))
+        index = max(1, bisect.bisect_right(grid, int(t)) - 1)
+        return grid[index], grid[index - 1]
 
     def get_vsd_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,

@@ -4,10 +4,13 @@ a row here and a loss in guidance/losses.py.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from guidance.losses import PDS_VARIANTS
 
 DEFAULT_T_RANGE = (0.02, 0.98)
 BRIDGE_SRC_MODIFIER = (", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, "
@@ -16,11 +19,23 @@ BRIDGE_TGT_MODIFIER = ", detailed high resolution, high quality, sharp"
 
 @dataclass(frozen=True)
 class Option:
-    """A method-specific main.py flag: its type, its help, and the loss keyword it sets (None: read by a step)."""
+    """A method-specific main.py flag: its type (a callable that parses the flag's text, as argparse's type=), its
+    help, and the loss keyword it sets (None: read by a step)."""
 
-    kind: type
+    kind: Callable[[str], object]
     help: str
     keyword: str | None = None
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    """Return a flag type that accepts one of `choices`, and names them when given anything else."""
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    parse.__name__ = "|".join(choices)
+    return parse
 
 
 # Method-specific flags of main.py. Their defaults are per method (Method.options); a flag given to a method that does
@@ -35,6 +50,10 @@ OPTION_FLAGS = {
     "inversion_steps": Option(int, "ism / sdi: DDIM inversion steps (default ism 5, sdi 10)", "inversion_steps"),
     "ism_delta_t": Option(int, "ism: interval delta_t between the inverted s and t (default 80)", "delta_t"),
     "ism_delta_s": Option(int, "ism: timesteps per inversion step delta_s (default 200)", "delta_s"),
+    "pds_variant": Option(one_of(*PDS_VARIANTS), "pds: 'paper' (t - 1 and the exact posterior: the course's form, "
+                                                 "a t-reweighted DDS) or 'official' (the authors' pds.py: t on a "
+                                                 "500-step DDIM grid, t_prev = t - 2, one-step posterior "
+                                                 "coefficients, which pull the edit toward the source)", "variant"),
     "ddim_steps": Option(int, "ddim: DDIM sampling steps (default 50)"),
     "sdi_eta": Option(float, "sdi: fraction of fresh noise blended into the inverted noise kappa (0: the paper's "
                              "deterministic inversion; 1: SDS)", "eta"),
@@ -158,7 +177,8 @@ METHODS = {m.name: m for m in (
            unet_rows="2B", loss="get_sds_loss"),
     Method(name="pds", title="Posterior Distillation Sampling", paper="Koo et al., CVPR 2024, eq. 9",
            gradient="z_tgt - z_src, z = (x_{t-1} - mu(x_t, x0_hat)) / std_t, shared noises", guidance_scale=7.5,
-           steps=200, weighting="uniform", unet_rows="4", loss="get_pds_loss", conditioning="pair", edits=True),
+           steps=200, weighting="uniform", unet_rows="4", loss="get_pds_loss", conditioning="pair", edits=True,
+           options={"pds_variant": "paper"}),
     Method(name="vsd", title="Variational Score Distillation",
            paper="ProlificDreamer, Wang et al., NeurIPS 2023, eq. 9-10",
            gradient="w(t) (eps_cfg_s(x_t) - eps_phi(x_t; y)), eps_phi a LoRA trained on the particles",

@@ -237,6 +237,29 @@ class NoiseSchedule:
         std = math.sqrt(sigma_ts_sq) * sigma_s / sigma_t
         return c_x0, c_xt, std
 
+    def one_step_posterior_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
+        """Return (c_x0, c_xt, std) as the official PDS code (KAIST-Visual-AI-Group/PDS, pds/pds.py) computes them.
+
+        Its t_prev is the previous point of a 500-step DDIM grid (t - 2 on SD's), but its coefficients are those of
+        the one-step transition t - 1 -> t (DDPM's betas[t], alphas[t]) with alpha-bar at t_prev:
+        c_x0 = alpha_s beta_t / sigma_t^2, c_xt = sqrt(alphas[t]) sigma_s^2 / sigma_t^2, std = sqrt(beta_t) sigma_s /
+        sigma_t, s = t_prev. Written on any Gaussian path with alpha_{t|t-1} = alpha_t / alpha_{t-1} for sqrt(alphas[t])
+        and beta_t = sigma_t^2 - alpha_{t|t-1}^2 sigma_{t-1}^2 (DDPM's beta_t on its path). For t_prev = t - 1 this
+        is posterior_coefficients; for t_prev < t - 1, c_x0 + c_xt alpha_t != alpha_s, so PDS keeps a term in
+        x_tgt - x_src.
+        """
+        if not 0 < t_prev < t < self.num_train_timesteps:
+            raise ValueError(f"PDS's official posterior needs 0 < t_prev < t < {self.num_train_timesteps}, got t={t}, "
+                             f"t_prev={t_prev}")
+        alpha_t, sigma_t = self.alpha(t), self.sigma(t)
+        alpha_s, sigma_s = self.alpha(t_prev), self.sigma(t_prev)
+        alpha_step = alpha_t / self.alpha(t - 1)
+        beta_t = sigma_t**2 - alpha_step**2 * self.sigma(t - 1) ** 2
+        c_x0 = alpha_s * beta_t / sigma_t**2
+        c_xt = alpha_step * sigma_s**2 / sigma_t**2
+        std = math.sqrt(beta_t) * sigma_s / sigma_t
+        return c_x0, c_xt, std
+
     def posterior_mean(self, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
         """Return mu(x_t, x0_hat) = c_x0 x0_hat + c_xt x_t, the mean of q(x_{t_prev} | x_t, x0_hat)."""
         c_x0, c_xt, _ = self.posterior_coefficients(t, t_prev)

@@ -13,7 +13,8 @@ import torch
 
 from guidance.random_sd import build_random_sd
 from guidance.sd import StableDiffusion
-from test_families import NEGATIVE, PROMPT, SIZES, embeddings, path, pipeline_condition, randn
+from test_families import EDIT, NEGATIVE, PROMPT, SIZES, path, pipeline_condition, randn
+from test_families import embeddings as cfg_rows  # cat[get_text_embeds(negative), get_text_embeds(prompt)]
 
 ALL = ("sd2", "sd2v", "sdxl", "sd3")
 
@@ -183,3 +184,134 @@ def test_sampler_steps_are_ddimschedulers_moves(spacing, offset, set_alpha_to_on
         for t, t_next in steps:
             expected = scheduler.step(eps, t, x).prev_sample
             assert torch.allclose(schedule.ddim_step(x, eps, t, t_next), expected, rtol=1e-12, atol=1e-12), (n, t)
+
+
+# ----------------------------------------------------------------------------------------- PDS: paper and official
+def test_paper_pds_is_dds_reweighted_by_t(sd64, embeddings):
+    """With shared noises and the exact posterior at t - 1, the x_tgt - x_src terms cancel (c_x0 + c_xt alpha_t =
+    alpha_{t-1}): PDS's gradient is w(t) times DDS's with w = c_x0 sigma_t / (alpha_t std), whatever noise_{t-1} is.
+    Fails if the posterior's coefficients do not keep the marginal (a term in x_tgt - x_src survives) or if PDS's
+    two sides did not share their noises."""
+    from reference import ReferenceSchedule
+
+    ref = ReferenceSchedule(_scheduler_config(sd64))
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(sd64.latent_shape(), generator=gen, dtype=torch.float64)
+    tgt = src + 0.5 * torch.randn(sd64.latent_shape(), generator=gen, dtype=torch.float64)
+    noise_t = torch.randn(sd64.latent_shape(), generator=gen, dtype=torch.float64)
+    for t in (30, 400, 950):
+        abar_t, abar_s = ref.alphas_cumprod[t].item(), ref.alphas_cumprod[t - 1].item()
+        beta_t = 1 - abar_t / abar_s  # DDPM's posterior of x_{t-1}: c_x0 = sqrt(abar_s) beta_t / (1 - abar_t), ...
+        c_x0 = math.sqrt(abar_s) * beta_t / (1 - abar_t)
+        std = math.sqrt(beta_t * (1 - abar_s) / (1 - abar_t))
+        w = c_x0 * math.sqrt(1 - abar_t) / (math.sqrt(abar_t) * std)
+        x = tgt.clone().requires_grad_(True)
+        sd64.get_dds_loss(src, x, embeddings[0], embeddings[1], t=t, noise=noise_t).backward()
+        dds = x.grad
+        for seed in (4, 5):  # two different noise_{t-1}: the same gradient
+            noise_s = torch.randn(sd64.latent_shape(), generator=torch.Generator().manual_seed(seed),
+                                  dtype=torch.float64)
+            x = tgt.clone().requires_grad_(True)
+            sd64.get_pds_loss(src, x, embeddings[0], embeddings[1], t=t, noise=(noise_t, noise_s)).backward()
+            assert torch.allclose(x.grad, w * dds, rtol=1e-8, atol=1e-10), (t, seed)
+        assert (w * dds).abs().mean() > 1e-3
+
+
+def _scheduler_config(model):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_pretrained(model.source.path, subfolder="scheduler").config
+
+
+def official_pds_reference(pipe, src, tgt, noise_t, noise_s, index: int, scale: float, prompts: tuple):
+    """Return (t, the official PDS gradient z_tgt - z_src) written from KAIST-Visual-AI-Group/PDS's pds.py: t and
+    t_prev from DDIMScheduler.from_config(...).set_timesteps(500) reversed at index and index - 1; beta_t = betas[t],
+    alpha_t = alphas[t] (one step), alpha-bar at t and t_prev (float64 from the config); SD 3, which has no betas:
+    the same with sqrt(alphas[t]) = alpha_t / alpha_{t-1}, beta_t = sigma_t^2 - (alpha_t / alpha_{t-1})^2
+    sigma_{t-1}^2 and 1 - alpha-bar = sigma^2, on SD's grid (leading, steps_offset 1)."""
+    from diffusers import DDIMScheduler
+
+    from reference import ReferenceSchedule
+    from test_families import reference_cfg
+
+    is_sd3 = pipe.__class__.__name__ == "StableDiffusion3Pipeline"
+    grid = DDIMScheduler(steps_offset=1) if is_sd3 else DDIMScheduler.from_config(pipe.scheduler.config)
+    grid.set_timesteps(500)
+    ascending = list(reversed(grid.timesteps.tolist()))
+    t, t_prev = ascending[index], ascending[index - 1]
+    if is_sd3:
+        (alpha_t, sigma_t), (alpha_p, sigma_p), (alpha_1, sigma_1) = path(pipe, t), path(pipe, t_prev), path(pipe, t - 1)
+        sqrt_alpha_step = alpha_t / alpha_1
+        beta_t = sigma_t**2 - sqrt_alpha_step**2 * sigma_1**2
+        one_minus_abar_t, one_minus_abar_p, sqrt_abar_p = sigma_t**2, sigma_p**2, alpha_p
+    else:
+        ref = ReferenceSchedule(pipe.scheduler.config)
+        beta_t, sqrt_alpha_step = ref.betas[t].item(), math.sqrt(ref.alphas[t].item())
+        abar_t, abar_p = ref.alphas_cumprod[t].item(), ref.alphas_cumprod[t_prev].item()
+        alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
+        one_minus_abar_t, one_minus_abar_p, sqrt_abar_p = 1 - abar_t, 1 - abar_p, math.sqrt(abar_p)
+        alpha_p, sigma_p = math.sqrt(abar_p), math.sqrt(1 - abar_p)
+    std = math.sqrt(one_minus_abar_p / one_minus_abar_t * beta_t)
+    c0 = sqrt_abar_p * beta_t / one_minus_abar_t
+    c1 = sqrt_alpha_step * one_minus_abar_p / one_minus_abar_t
+    x0 = torch.cat([src, tgt])
+    x_t = alpha_t * x0 + sigma_t * torch.cat([noise_t, noise_t])
+    negative, src_prompt, tgt_prompt = prompts
+    eps = reference_cfg(pipe, x_t, t, [negative, negative], [src_prompt, tgt_prompt], scale)  # rows: src, tgt
+    pred_x0 = (x_t - sigma_t * eps) / alpha_t
+    x_prev = alpha_p * x0 + sigma_p * torch.cat([noise_s, noise_s])
+    z_src, z_tgt = ((x_prev - (c0 * pred_x0 + c1 * x_t)) / std).chunk(2)
+    return t, t_prev, z_tgt - z_src
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_official_pds_is_the_authors_pds_py(loaded, family):
+    """variant='official' is pds.py's gradient: t on its 500-step grid (a t off the grid moves to the point below),
+    t_prev the grid point before, the one-step posterior coefficients. Fails if t_prev were t - 1, the grid another
+    (steps_offset ignored: 2k instead of 2k + 1), the coefficients the exact posterior's, or the mismatch term's sign
+    flipped. (pds.py reads the UNet's output as eps; on v and flow models ours converts it to eps first.)"""
+    model, pipe = loaded(family)
+    src = randn(model, 30)
+    tgt = src + 0.5 * randn(model, 31)
+    noise_t, noise_s = randn(model, 32), randn(model, 33)
+    for index in (12, 250, 480):
+        t, t_prev, expected = official_pds_reference(pipe, src, tgt, noise_t, noise_s, index, 7.5,
+                                                     (NEGATIVE, PROMPT, EDIT))
+        assert t_prev == t - 2
+        for pinned in (t, t + 1):  # on the grid, and just above it
+            x = tgt.clone().requires_grad_(True)
+            model.get_pds_loss(src, x, cfg_rows(model, NEGATIVE, PROMPT), cfg_rows(model, NEGATIVE, EDIT),
+                               guidance_scale=7.5, t=pinned, noise=(noise_t, noise_s), variant="official").backward()
+            assert model.last_guidance["t"] == t
+            assert expected.abs().mean() > 1e-3  # far above the tolerance
+            assert torch.allclose(x.grad, expected, rtol=1e-7, atol=1e-9), (index, pinned)
+
+
+def test_official_pds_is_dds_plus_a_pull_toward_the_source(sd64, embeddings):
+    """The official form's gradient is w'(t) DDS + k(t) (x_tgt - x_src) with k = (alpha_s - c0 - c1 alpha_t) / std > 0
+    (pds.py's coefficients, s = t - 2): gradient descent moves the edit back toward the source, most at small t
+    (k = 1.61 at t = 21, 0.032 at t = 501, 0.0042 at t = 979 on SD's path). Fails if the term's sign or size were
+    other than the coefficients imply."""
+    from reference import ReferenceSchedule
+
+    ref = ReferenceSchedule(_scheduler_config(sd64))
+    gen = torch.Generator().manual_seed(6)
+    src = torch.randn(sd64.latent_shape(), generator=gen, dtype=torch.float64)
+    tgt = src + 0.5 * torch.randn(sd64.latent_shape(), generator=gen, dtype=torch.float64)
+    noise_t, noise_s = (torch.randn(sd64.latent_shape(), generator=gen, dtype=torch.float64) for _ in range(2))
+    for t, k_expected in ((21, 1.61), (501, 0.032), (979, 0.0042)):
+        s = t - 2
+        beta_t, abar_t, abar_s = ref.betas[t].item(), ref.alphas_cumprod[t].item(), ref.alphas_cumprod[s].item()
+        c0 = math.sqrt(abar_s) * beta_t / (1 - abar_t)
+        c1 = math.sqrt(1 - beta_t) * (1 - abar_s) / (1 - abar_t)
+        std = math.sqrt((1 - abar_s) / (1 - abar_t) * beta_t)
+        k = (math.sqrt(abar_s) - c0 - c1 * math.sqrt(abar_t)) / std
+        w = c0 * math.sqrt(1 - abar_t) / (math.sqrt(abar_t) * std)
+        assert k == pytest.approx(k_expected, rel=0.01)
+        x = tgt.clone().requires_grad_(True)
+        sd64.get_dds_loss(src, x, embeddings[0], embeddings[1], t=t, noise=noise_t).backward()
+        dds = x.grad
+        x = tgt.clone().requires_grad_(True)
+        sd64.get_pds_loss(src, x, embeddings[0], embeddings[1], t=t, noise=(noise_t, noise_s),
+                          variant="official").backward()
+        assert torch.allclose(x.grad, w * dds + k * (tgt - src), rtol=1e-8, atol=1e-10), t
