@@ -149,8 +149,8 @@ def test_ddim_is_the_pipelines_own_sample(loaded, family):
     expected = pipeline_sample(pipe, x_T, steps, NEGATIVE)
     got = our_ddim(model, x_T, steps, model.get_text_embeds(NEGATIVE))
     assert (expected - x_T).abs().mean() > 0.1  # the sampler moved
-    # diffusers' schedulers hold alphas_cumprod (SD 3: sigmas) in float32: measured up to 7e-6 (SDXL)
-    assert (got - expected).abs().max().item() <= 2e-5 * max(expected.abs().max().item(), 1.0)
+    # diffusers' schedulers hold alphas_cumprod (SD 3: sigmas) in float32: measured up to 4e-5 (SDXL)
+    assert (got - expected).abs().max().item() <= 1e-4 * max(expected.abs().max().item(), 1.0)
     if family != "sd3":  # with diffusers' DDIM coefficients in float64, the same to float64 rounding
         exact = pipeline_sample(pipe, x_T, steps, NEGATIVE, float64_schedule=True)
         assert (got - exact).abs().max().item() <= 1e-10 * max(exact.abs().max().item(), 1.0)
@@ -315,3 +315,36 @@ def test_official_pds_is_dds_plus_a_pull_toward_the_source(sd64, embeddings):
         sd64.get_pds_loss(src, x, embeddings[0], embeddings[1], t=t, noise=(noise_t, noise_s),
                           variant="official").backward()
         assert torch.allclose(x.grad, w * dds + k * (tgt - src), rtol=1e-8, atol=1e-10), t
+
+
+# ----------------------------------------------------------------------------------------- SDXL: empty prompt, size
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_null_prompt_and_time_ids_follow_the_pipeline(folders, loaded, tmp_path, force_zeros):
+    """null_embedding() is the unconditional the SDXL pipeline uses without a negative prompt: zeros (hidden states
+    and pooled) under model_index.json's force_zeros_for_empty_prompt, the encoded "" without it; and the time ids
+    follow the latents' size (a non-square 16 x 24 image). Checked as whole samples: ddim from x_T equals
+    pipeline(negative_prompt=None, height=16, width=24). Fails with "" encoded where the config forces zeros (or
+    zeros where it does not), or with time ids of the native square size."""
+    import json
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    if force_zeros:
+        model, pipe = loaded("sdxl")
+    else:
+        folder = shutil.copytree(folders["sdxl"], tmp_path / "sdxl")
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+        model = StableDiffusion(str(folder), device="cpu", precision=torch.float64)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True).to(torch.float64)
+    null = model.null_embedding()
+    assert (not null.any()) == force_zeros
+    if not force_zeros:
+        assert torch.equal(null, model.get_text_embeds(""))
+    x_T = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(40), dtype=torch.float64)
+    expected = pipeline_sample(pipe, x_T, 10, None)
+    got = our_ddim(model, x_T, 10, null)
+    assert (got - expected).abs().max().item() <= 1e-4 * max(expected.abs().max().item(), 1.0)
+    exact = pipeline_sample(pipe, x_T, 10, None, float64_schedule=True)
+    assert (got - exact).abs().max().item() <= 1e-10 * max(exact.abs().max().item(), 1.0)
