@@ -209,20 +209,32 @@ class DistillationCore:
 
     # ----------------------------------------------------------------------------------------- DDIM
     @torch.no_grad()
-    def ddim_invert(self, latents: torch.Tensor, embedding: torch.Tensor, t: int, n_steps: int) -> torch.Tensor:
-        """Return x_t from deterministic DDIM inversion (eta 0) of the latents, taken as x at timestep 0, to t.
+    def ddim_invert(self, latents: torch.Tensor, embedding: torch.Tensor, t: int, n_steps: int,
+                    guidance_scale: float | None = None, eta: float = 0.0, noises=None) -> torch.Tensor:
+        """Return x_t from DDIM inversion of the latents, taken as x at timestep 0, to t.
 
-        n equal steps t_k = round(k t / n): e = eps(x_{t_k}, t_k; embedding), x0 = (x_{t_k} - sigma_{t_k} e) / alpha_{t_k},
-        x_{t_{k+1}} = alpha_{t_{k+1}} x0 + sigma_{t_{k+1}} e. `embedding` is one prompt's (no CFG). n UNet calls.
+        n equal steps t_k = round(k t / n): e = eps(x_{t_k}, t_k), x0 = (x_{t_k} - sigma_{t_k} e) / alpha_{t_k},
+        x_{t_{k+1}} = alpha_{t_{k+1}} x0 + sigma_{t_{k+1}} e (+ eta std_k z_k). `embedding` is one prompt's
+        (guidance_scale None: e = eps(x; embedding), n UNet calls of B rows) or cat[uncond, cond] with CFG at
+        guidance_scale (n calls of 2B rows). eta > 0 adds noise after each step, as threestudio's SDI does:
+        std_k = posterior_std(t_{k+1}, t_k), the spread of q(x_{t_k} | x_{t_{k+1}}, x0) (0 where t_k is clean
+        data), z_k = noises[k] if given, else N(0, I). eta 0 is deterministic.
         """
         t, n_steps = int(t), int(n_steps)
         if n_steps < 1 or n_steps > t:
             raise ValueError(f"DDIM inversion to t={t} in {n_steps} steps needs 1 <= steps <= t")
         x = latents.detach().to(grad_dtype(latents))
-        cond = self._expand_rows(embedding, x.shape[0])
+        cond = self._expand_rows(embedding, x.shape[0]) if guidance_scale is None else None
         timesteps = [round(k * t / n_steps) for k in range(n_steps + 1)]
-        for t_k, t_next in zip(timesteps[:-1], timesteps[1:]):
-            x = self.schedule.ddim_step(x, self.predict_eps(x, t_k, cond), t_k, t_next)
+        for k, (t_k, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+            if guidance_scale is None:
+                eps = self.predict_eps(x, t_k, cond)
+            else:
+                eps = self.get_noise_preds(x, t_k, embedding, guidance_scale)
+            x = self.schedule.ddim_step(x, eps, t_k, t_next)
+            if eta > 0 and self.schedule.sigma(t_k) > 0:
+                z = self._noise_like(x, None if noises is None else noises[k])
+                x = x + eta * self.schedule.posterior_std(t_next, t_k) * z
         return x
 
     @torch.no_grad()

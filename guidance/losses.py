@@ -22,6 +22,10 @@ from guidance.schedule import timestep_grid
 
 PDS_VARIANTS = ("paper", "official")
 PDS_OFFICIAL_STEPS = 500  # the official PDS code's DDIM grid (PDSConfig.num_inference_steps)
+# SDI's inversion as the authors' code runs it (threestudio: inversion_guidance_scale -7.5 in eps_c + s (eps_c - eps_u),
+# i.e. -6.5 in eps_u + s (eps_c - eps_u); inversion_eta 0.3)
+SDI_INVERSION_GUIDANCE = -6.5
+SDI_INVERSION_ETA = 0.3
 NFSD_SMALL_T = 200  # NFSD: below this t, delta_D is eps_null alone (the negative prompt's term is dropped)
 
 
@@ -267,19 +271,32 @@ class ScoreDistillation(DistillationCore):
 
     def get_sdi_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, inversion_steps: int = 10,
-                     weighting: str = "sigma_over_alpha", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+                     weighting: str = "sigma_over_alpha", eta: float = 0.0, noise: torch.Tensor | None = None,
+                     inversion_guidance: float | str | None = SDI_INVERSION_GUIDANCE,
+                     inversion_eta: float = SDI_INVERSION_ETA, inversion_noise=None) -> torch.Tensor:
         """Return the SDI loss; its gradient is grad_scale * w(t) * (eps_cfg_s(x_t, t) - kappa).
 
         Score Distillation via Inversion (Lukoianov et al., NeurIPS 2024, eq. 9): x_t = DDIM inversion of x to t
-        under "" (inversion_steps steps), kappa = (x_t - alpha_t x) / sigma_t, the noise that inversion implies;
-        with w = sigma_t / alpha_t the gradient is x - x0_hat(x_t), the paper's target. UNet calls:
-        inversion_steps, then one batch-2B CFG call.
+        (inversion_steps equal steps), kappa = (x_t - alpha_t x) / sigma_t, the noise that inversion implies; with
+        w = sigma_t / alpha_t the gradient is x - x0_hat(x_t), the paper's target. The inversion is the authors'
+        code's (threestudio's stable_diffusion_sdi_guidance.py) by default: CFG on the run's [uncond, cond] rows at
+        inversion_guidance -6.5 (their inversion_guidance_scale -7.5 in their convention eps_c + s (eps_c - eps_u))
+        and inversion_eta 0.3: eta posterior_std z added after each step (ddim_invert; z = inversion_noise[k] when
+        given). inversion_guidance None or "null" inverts under the null prompt without CFG; with inversion_eta 0
+        that is this loss before the authors' settings (deterministic). eta > 0 then blends fresh noise into kappa
+        (eta = 1: SDS exactly). UNet calls: inversion_steps of 2B rows (B under the null prompt), then one 2B.
         """
         t = self.sample_timestep(t)
-        null = self._expand_rows(self.null_embedding(), latents.shape[0])
+        null_inversion = inversion_guidance is None or inversion_guidance == "null"
+        if null_inversion:
+            null = self._expand_rows(self.null_embedding(), latents.shape[0])
         with torch.no_grad(), self.lora_disabled():
             x = latents.detach().to(grad_dtype(latents))
-            x_t = self.ddim_invert(x, null, t, inversion_steps)
+            if null_inversion:
+                x_t = self.ddim_invert(x, null, t, inversion_steps, eta=inversion_eta, noises=inversion_noise)
+            else:
+                x_t = self.ddim_invert(x, text_embeddings, t, inversion_steps, guidance_scale=float(inversion_guidance),
+                                       eta=inversion_eta, noises=inversion_noise)
             kappa = (x_t - self.schedule.alpha(t) * x) / self.schedule.sigma(t)
             if eta > 0:  # blend fresh noise into the inverted noise (eta = 1: SDS exactly)
                 kappa = math.sqrt(1 - eta**2) * kappa + eta * self._noise_like(latents, noise)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from guidance.losses import PDS_VARIANTS
+from guidance.losses import PDS_VARIANTS, SDI_INVERSION_ETA, SDI_INVERSION_GUIDANCE
 
 DEFAULT_T_RANGE = (0.02, 0.98)
 BRIDGE_SRC_MODIFIER = (", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, "
@@ -38,6 +38,27 @@ def one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def guidance_or_null(text: str) -> float | str:
+    """Return a guidance scale, or "null" (no CFG: the null prompt) for the words null / none."""
+    if text.strip().lower() in ("null", "none"):
+        return "null"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a guidance scale (e.g. -6.5) nor null") from None
+
+
+def non_negative(text: str) -> float:
+    """Return a float >= 0 (a noise scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
 # Method-specific flags of main.py. Their defaults are per method (Method.options); a flag given to a method that does
 # not own it is an error.
 OPTION_FLAGS = {
@@ -55,8 +76,16 @@ OPTION_FLAGS = {
                                                  "500-step DDIM grid, t_prev = t - 2, one-step posterior "
                                                  "coefficients, which pull the edit toward the source)", "variant"),
     "ddim_steps": Option(int, "ddim: DDIM sampling steps (default 50)"),
-    "sdi_eta": Option(float, "sdi: fraction of fresh noise blended into the inverted noise kappa (0: the paper's "
-                             "deterministic inversion; 1: SDS)", "eta"),
+    "sdi_eta": Option(float, "sdi: fraction of fresh noise blended into the inverted noise kappa (0: the inverted "
+                             "noise itself; 1: SDS)", "eta"),
+    "sdi_inversion_guidance": Option(guidance_or_null, "sdi: CFG scale of the DDIM inversion on the run's negative "
+                                                       "and prompt rows (default -6.5: the authors' -7.5 in "
+                                                       "threestudio's convention), or null: invert under the null "
+                                                       "prompt without CFG", "inversion_guidance"),
+    "sdi_inversion_eta": Option(non_negative, "sdi: noise added after each inversion step, in units of the step's "
+                                              "posterior std (default 0.3, the authors'; 0: deterministic). "
+                                              "--sdi_inversion_guidance null --sdi_inversion_eta 0 is the "
+                                              "deterministic null-prompt inversion", "inversion_eta"),
 }
 
 
@@ -210,10 +239,13 @@ METHODS = {m.name: m for m in (
            loss="get_ism_loss", t_schedule="anneal", extra_prompts=null_prompt,
            options={"inversion_steps": 5, "ism_delta_t": 80, "ism_delta_s": 200}),
     Method(name="sdi", title="Score Distillation via Inversion", paper="Lukoianov et al., NeurIPS 2024, eq. 9",
-           gradient="w(t) (eps_cfg_s(x_t) - kappa), x_t by DDIM inversion, kappa = (x_t - alpha_t x) / sigma_t",
-           guidance_scale=7.5, steps=500, weighting="sigma_over_alpha", unet_rows="B x inversion_steps + 2B",
+           gradient="w(t) (eps_cfg_s(x_t) - kappa), x_t by DDIM inversion (CFG at -6.5, noise eta 0.3 per step), "
+                    "kappa = (x_t - alpha_t x) / sigma_t",
+           guidance_scale=7.5, steps=500, weighting="sigma_over_alpha",
+           unet_rows="2B x inversion_steps + 2B (B x inversion_steps + 2B under the null prompt)",
            loss="get_sdi_loss", t_schedule="linear", extra_prompts=null_prompt,
-           options={"inversion_steps": 10, "sdi_eta": 0.0}),
+           options={"inversion_steps": 10, "sdi_eta": 0.0, "sdi_inversion_guidance": SDI_INVERSION_GUIDANCE,
+                    "sdi_inversion_eta": SDI_INVERSION_ETA}),
     # Baselines a comparison needs beside the losses: the model's own samples, and SDS started from the source.
     Method(name="ddim", title="DDIM sampling (the reference)", paper="Song et al., ICLR 2021, eq. 12 with eta = 0",
            gradient="none: x_{t'} = alpha_{t'} x0_hat(x_t) + sigma_{t'} eps_cfg_s(x_t), from x_T ~ N(0, I), on the "

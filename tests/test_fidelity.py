@@ -348,3 +348,75 @@ def test_sdxl_null_prompt_and_time_ids_follow_the_pipeline(folders, loaded, tmp_
     assert (got - expected).abs().max().item() <= 1e-4 * max(expected.abs().max().item(), 1.0)
     exact = pipeline_sample(pipe, x_T, 10, None, float64_schedule=True)
     assert (got - exact).abs().max().item() <= 1e-10 * max(exact.abs().max().item(), 1.0)
+
+
+# ----------------------------------------------------------------------------------------- SDI: the authors' inversion
+def sdi_reference(pipe, x, t: int, n: int, noises, scale: float, inversion_scale_threestudio: float, eta: float):
+    """Return SDI's gradient x - x0_hat(x_t) with x_t from the inversion of threestudio's stable_diffusion_sdi_guidance.py,
+    written from its code in its own CFG convention, eps = eps_c + s (eps_c - eps_u): each step a DDIM step (x0 from
+    eps, then alpha_next x0 + sigma_next eps) plus inversion_eta * z * sqrt(DDIMScheduler._get_variance(t_next, t_k))
+    = (1 - abar_k) / (1 - abar_next) (1 - abar_next / abar_k) (SD 3: the same Gaussian posterior's variance,
+    sigma_k^2 / sigma_next^2 (sigma_next^2 - (alpha_next / alpha_k)^2 sigma_k^2)); on our equal grid round(k t / n)."""
+    from test_families import reference_cfg, reference_eps
+
+    steps = [round(k * t / n) for k in range(n + 1)]
+    latents = x
+    for k, (t_k, t_next) in enumerate(zip(steps[:-1], steps[1:])):
+        eps_u, eps_c = reference_eps(pipe, torch.cat([latents, latents]), t_k, [NEGATIVE, PROMPT]).chunk(2)
+        eps = eps_c + inversion_scale_threestudio * (eps_c - eps_u)
+        (a_k, s_k), (a_n, s_n) = path(pipe, t_k), path(pipe, t_next)
+        latents = a_n * (latents - s_k * eps) / a_k + s_n * eps
+        if pipe.__class__.__name__ == "StableDiffusion3Pipeline":
+            variance = s_k**2 / s_n**2 * (s_n**2 - (a_n / a_k) ** 2 * s_k**2)
+        else:
+            abar_k, abar_n = a_k**2, a_n**2
+            variance = (1 - abar_k) / (1 - abar_n) * (1 - abar_n / abar_k)
+        latents = latents + eta * noises[k] * math.sqrt(variance)
+    alpha, sigma = path(pipe, t)
+    kappa = (latents - alpha * x) / sigma
+    eps_hat = reference_cfg(pipe, latents, t, [NEGATIVE], [PROMPT], scale)
+    return sigma / alpha * (eps_hat - kappa)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_sdi_inverts_as_the_authors_code(loaded, family):
+    """The default SDI inversion is threestudio's: CFG on the run's rows at -6.5 (their -7.5 in eps_c + s (eps_c -
+    eps_u)) and 0.3 times the step's posterior std of noise after each step; with inversion_eta 0 and a pinned t it
+    is deterministic. Fails if the guidance were -7.5 in our convention (the convention shift), the noise's scale
+    another step's variance, the noise added before the step, or the CFG rows swapped."""
+    model, pipe = loaded(family)
+    t, n = 300, 4
+    x = randn(model, 50)
+    noises = [randn(model, 51 + k) for k in range(n)]
+    rows = cfg_rows(model, NEGATIVE, PROMPT)
+    for eta in (0.3, 0.0):
+        expected = sdi_reference(pipe, x, t, n, noises, 7.5, -7.5, eta)
+        grads = []
+        for _ in range(2):
+            v = x.clone().requires_grad_(True)
+            kwargs = {} if eta else {"inversion_eta": 0.0}  # the defaults are the authors' -6.5 and 0.3
+            model.get_sdi_loss(v, rows, guidance_scale=7.5, t=t, inversion_steps=n, inversion_noise=noises,
+                               **kwargs).backward()
+            grads.append(v.grad)
+        assert expected.abs().mean() > 1e-2
+        assert torch.allclose(grads[0], expected, rtol=1e-7, atol=1e-9), eta
+        assert torch.equal(grads[0], grads[1])
+
+
+def test_sdi_null_prompt_inversion_is_the_old_default_and_eta_draws_fresh_noise(sd64, embeddings):
+    """inversion_guidance None and "null" give the same gradient (the deterministic null-prompt inversion: what SDI
+    computed before, checked against the equations in tests/test_zoo.py); inversion_eta > 0 without pinned noises
+    draws fresh noise each call (two calls differ), at 0 it does not (two calls agree). Fails if "null" were read as
+    a guidance, or the inversion noise were drawn once and reused."""
+    x = torch.randn(sd64.latent_shape(), generator=torch.Generator().manual_seed(60), dtype=torch.float64)
+
+    def grad(**kwargs):
+        v = x.clone().requires_grad_(True)
+        sd64.get_sdi_loss(v, embeddings[0], t=300, inversion_steps=4, **kwargs).backward()
+        return v.grad
+
+    null = grad(inversion_guidance=None, inversion_eta=0.0)
+    assert torch.equal(null, grad(inversion_guidance="null", inversion_eta=0.0))
+    assert not torch.allclose(null, grad(inversion_eta=0.0), atol=1e-6)  # the CFG inversion is another
+    assert torch.equal(grad(inversion_eta=0.0), grad(inversion_eta=0.0))
+    assert not torch.allclose(grad(), grad(), atol=1e-6)
