@@ -128,6 +128,11 @@ class DistillationCore:
         """Return the text embedding of the empty prompt "" (eps_null's condition in NFSD, ISM and SDI)."""
         return self.get_text_embeds("")
 
+    def negative_embedding(self, negative_prompt: str) -> torch.Tensor:
+        """Return the uncond CFG row for a run's negative prompt: its embedding, or for "" (no negative prompt) the
+        null embedding, which on SDXL is the zeros its pipeline uses without a negative prompt."""
+        return self.null_embedding() if negative_prompt == "" else self.get_text_embeds(negative_prompt)
+
     # ----------------------------------------------------------------------------------------- UNet calls
     def predict_eps(self, x_t: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Return the model's noise prediction eps(x_t, t, c) in x_t's grad_dtype (one UNet call, batch = len(x_t)).

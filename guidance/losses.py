@@ -18,7 +18,7 @@ import math
 import torch
 
 from guidance.core import DistillationCore, grad_dtype, reparam_loss
-from guidance.schedule import timestep_grid
+from guidance.schedule import NoiseSchedule, timestep_grid
 
 PDS_VARIANTS = ("paper", "official")
 PDS_OFFICIAL_STEPS = 500  # the official PDS code's DDIM grid (PDSConfig.num_inference_steps)
@@ -26,7 +26,16 @@ PDS_OFFICIAL_STEPS = 500  # the official PDS code's DDIM grid (PDSConfig.num_inf
 # i.e. -6.5 in eps_u + s (eps_c - eps_u); inversion_eta 0.3)
 SDI_INVERSION_GUIDANCE = -6.5
 SDI_INVERSION_ETA = 0.3
-NFSD_SMALL_T = 200  # NFSD: below this t, delta_D is eps_null alone (the negative prompt's term is dropped)
+# NFSD: below the noise level of t = 200 on Stable Diffusion's DDPM path (the paper's and the authors' code's t < 200),
+# delta_D is eps_null alone (the negative prompt's term is dropped). Compared as sigma_t / alpha_t (0.572 there) so that
+# it means the same noise level on any path: on SD 3's rectified flow, t <= 363.
+NFSD_SMALL_T = 200
+SD_PATH = NoiseSchedule.scaled_linear()  # Stable Diffusion's DDPM path, on which NFSD_SMALL_T is a timestep
+
+
+def nfsd_small_noise(schedule: NoiseSchedule, t: int) -> bool:
+    """Return whether t is below NFSD's small-t threshold in noise terms: sigma_t / alpha_t < that of SD's t = 200."""
+    return schedule.sigma(t) / schedule.alpha(t) < SD_PATH.sigma(NFSD_SMALL_T) / SD_PATH.alpha(NFSD_SMALL_T)
 
 
 class ScoreDistillation(DistillationCore):
@@ -149,8 +158,9 @@ class ScoreDistillation(DistillationCore):
                       weighting: str = "dreamfusion") -> torch.Tensor:
         """Return the NFSD loss; its gradient is grad_scale * w(t) * (s (eps_c - eps_null) + delta_D).
 
-        Noise-Free Score Distillation (Katzir et al., ICLR 2024, eq. 6-7): delta_D = eps_null for t < 200, else
-        eps_null - eps_neg (eps_neg: the negative prompt's row). ONE batch-3B UNet call on [null, neg, cond].
+        Noise-Free Score Distillation (Katzir et al., ICLR 2024, eq. 6-7): delta_D = eps_null for t < 200 (in noise
+        terms: nfsd_small_noise), else eps_null - eps_neg (eps_neg: the negative prompt's row, the method's own
+        negative prompt by default, guidance/methods.py). ONE batch-3B UNet call on [null, neg, cond].
         """
         t = self.sample_timestep(t)
         noise = self._noise_like(latents, noise)
@@ -162,7 +172,7 @@ class ScoreDistillation(DistillationCore):
             eps_null, eps_neg, eps_cond = self.predict_eps(torch.cat([x_t] * 3), t,
                                                            torch.cat([null, neg, cond])).chunk(3)
             delta_c = eps_cond - eps_null
-            delta_d = eps_null if t < NFSD_SMALL_T else eps_null - eps_neg
+            delta_d = eps_null if nfsd_small_noise(self.schedule, t) else eps_null - eps_neg
         grad = grad_scale * self.schedule.weight(t, weighting) * (guidance_scale * delta_c + delta_d)
         return self._record(latents, grad, t, x_t, eps_null + guidance_scale * delta_c)
 

@@ -13,6 +13,10 @@ import torch
 from guidance.losses import PDS_VARIANTS, SDI_INVERSION_ETA, SDI_INVERSION_GUIDANCE
 
 DEFAULT_T_RANGE = (0.02, 0.98)
+DEFAULT_NEGATIVE_PROMPT = "low quality"  # the course's: the uncond CFG row of a run without --negative_prompt
+# NFSD's negative prompt, for its delta_D = eps_null - eps_neg (the paper's, and its authors' code's in SDS-Bridge)
+NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
+                        "gloomy")
 BRIDGE_SRC_MODIFIER = (", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, "
                        "malformed")
 BRIDGE_TGT_MODIFIER = ", detailed high resolution, high quality, sharp"
@@ -126,6 +130,9 @@ class Method:
     edits: bool = False  # needs --edit_prompt and --src_img_path; the result is named after the edit prompt
     t_schedule: str = "random"
     t_range: tuple = DEFAULT_T_RANGE
+    # The uncond CFG row's prompt when the run gives no --negative_prompt: the course's, NFSD's own, or "" (no
+    # negative prompt: model.negative_embedding("") is the model's null embedding) where the authors' code uses "".
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     options: dict = field(default_factory=dict)  # method-specific flags (OPTION_FLAGS) and their defaults
     lora: bool = False  # trains a LoRA (VSD)
     step: Callable | None = None  # a step that is more than one loss call: (method, model, context, x, t, i) -> loss
@@ -207,7 +214,7 @@ METHODS = {m.name: m for m in (
     Method(name="pds", title="Posterior Distillation Sampling", paper="Koo et al., CVPR 2024, eq. 9",
            gradient="z_tgt - z_src, z = (x_{t-1} - mu(x_t, x0_hat)) / std_t, shared noises", guidance_scale=7.5,
            steps=200, weighting="uniform", unet_rows="4", loss="get_pds_loss", conditioning="pair", edits=True,
-           options={"pds_variant": "paper"}),
+           options={"pds_variant": "paper"}, negative_prompt=""),
     Method(name="vsd", title="Variational Score Distillation",
            paper="ProlificDreamer, Wang et al., NeurIPS 2023, eq. 9-10",
            gradient="w(t) (eps_cfg_s(x_t) - eps_phi(x_t; y)), eps_phi a LoRA trained on the particles",
@@ -216,18 +223,18 @@ METHODS = {m.name: m for m in (
     Method(name="nfsd", title="Noise-Free Score Distillation", paper="Katzir et al., ICLR 2024, eq. 6-7",
            gradient="w(t) (s (eps_c - eps_null) + delta_D), delta_D = eps_null (t < 200) or eps_null - eps_neg",
            guidance_scale=7.5, steps=500, weighting="dreamfusion", unet_rows="3B", loss="get_nfsd_loss",
-           extra_prompts=null_prompt),
+           extra_prompts=null_prompt, negative_prompt=NFSD_NEGATIVE_PROMPT),
     Method(name="csd", title="Classifier Score Distillation", paper="Yu et al., ICLR 2024, eq. 7",
            gradient="w(t) s (eps_c - eps_u)", guidance_scale=7.5, steps=500, weighting="dreamfusion", unet_rows="2B",
            loss="get_csd_loss"),
     Method(name="dds", title="Delta Denoising Score", paper="Hertz et al., ICCV 2023, eq. 5",
            gradient="w(t) (eps_cfg_s(z_t; y_tgt) - eps_cfg_s(zhat_t; y_src)), one eps and one t",
            guidance_scale=7.5, steps=200, weighting="uniform", unet_rows="4", loss="get_dds_loss",
-           conditioning="pair", edits=True, t_range=(0.05, 0.95)),
+           conditioning="pair", edits=True, t_range=(0.05, 0.95), negative_prompt=""),
     Method(name="bridge", title="SDS-Bridge", paper="McAllister et al., NeurIPS 2024 (2D)",
            gradient="w(t) s (eps(x_t; y + tgt_modifier) - eps(x_t; y + src_modifier)), after bridge_start of SDS",
            guidance_scale=40.0, steps=500, weighting="dreamfusion", unet_rows="2B", loss="get_bridge_loss",
-           step=bridge_step, extra_prompts=bridge_prompts,
+           step=bridge_step, extra_prompts=bridge_prompts, negative_prompt="",
            options={"bridge_start": 0.5, "bridge_src_modifier": BRIDGE_SRC_MODIFIER,
                     "bridge_tgt_modifier": BRIDGE_TGT_MODIFIER}),
     Method(name="asd", title="Asynchronous Score Distillation", paper="Ma et al., ECCV 2024",
@@ -255,7 +262,8 @@ METHODS = {m.name: m for m in (
     Method(name="sds_edit", title="SDS from the source (editing baseline)",
            paper="the baseline of the PDS and DDS papers",
            gradient="w(t) (eps_cfg_s(x_t; y_edit) - eps), x starting at the source", guidance_scale=7.5, steps=200,
-           weighting="uniform", unet_rows="2B", loss="get_sds_loss", conditioning="edit", edits=True),
+           weighting="uniform", unet_rows="2B", loss="get_sds_loss", conditioning="edit", edits=True,
+           negative_prompt=""),
 )}
 LOSS_TYPES = tuple(METHODS)
 

@@ -420,3 +420,56 @@ def test_sdi_null_prompt_inversion_is_the_old_default_and_eta_draws_fresh_noise(
     assert not torch.allclose(null, grad(inversion_eta=0.0), atol=1e-6)  # the CFG inversion is another
     assert torch.equal(grad(inversion_eta=0.0), grad(inversion_eta=0.0))
     assert not torch.allclose(grad(), grad(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- NFSD and the negative prompts
+@pytest.mark.parametrize("family, t, small", [("sd2", 199, True), ("sd2", 200, False), ("sd3", 363, True),
+                                              ("sd3", 364, False)])
+def test_nfsd_small_t_branch_is_a_noise_level(loaded, family, t, small):
+    """NFSD's delta_D drops the negative prompt below t = 200 on SD's DDPM path (the authors' code: `t < 200`); on
+    SD 3's rectified flow the same noise level, sigma_t / alpha_t < that of SD's t = 200 (0.572), is t <= 363. The
+    gradient is w(t) (s (eps_c - eps_null) + delta_D) with the method's negative prompt (the authors' string), from
+    the pipeline's denoiser. Fails with the timestep index compared on SD 3 (t < 200 there is far less noise) or
+    the branch's boundary off by one."""
+    from guidance.methods import METHODS
+
+    model, pipe = loaded(family)
+    negative = METHODS["nfsd"].negative_prompt
+    x, noise = randn(model, 70), randn(model, 71)
+    v = x.clone().requires_grad_(True)
+    model.get_nfsd_loss(v, cfg_rows(model, negative, PROMPT), guidance_scale=7.5, t=t, noise=noise).backward()
+    from test_families import reference_eps
+
+    alpha, sigma = path(pipe, t)
+    x_t = alpha * x + sigma * noise
+    eps_null, eps_neg, eps_cond = reference_eps(pipe, torch.cat([x_t] * 3), t, ["", negative, PROMPT]).chunk(3)
+    sd_ratio = math.sqrt(1 - _sd_alphas_cumprod()[200]) / math.sqrt(_sd_alphas_cumprod()[200])
+    assert (sigma / alpha < sd_ratio) == small
+    delta_d = eps_null if small else eps_null - eps_neg
+    expected = sigma**2 * (7.5 * (eps_cond - eps_null) + delta_d)
+    assert (eps_neg - eps_null).abs().mean() > 1e-2  # the branch matters
+    assert torch.allclose(v.grad, expected, rtol=1e-8, atol=1e-10)
+
+
+def _sd_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def test_methods_negative_prompts_are_the_authors_and_the_toy_ignores_them():
+    """NFSD's negative prompt is the paper's; DDS, PDS, SDS-from-the-source (pds.py) and the bridge's SDS stage
+    (SDS-Bridge's 2D code) use "" where the course uses "low quality"; every other method keeps the course's. The toy
+    world's prompt parser reads none of these words, so its NFSD, PDS, DDS and bridge runs do not change (the same
+    log-prior as "low quality"). Fails if a row lost its negative prompt or the toy started reading one."""
+    from guidance.methods import DEFAULT_NEGATIVE_PROMPT, METHODS
+    from guidance.toy import ToyDiffusion
+
+    assert METHODS["nfsd"].negative_prompt == ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, "
+                                               "dull, dark, low-resolution, gloomy")
+    empty = {"pds", "dds", "bridge", "sds_edit"}
+    for name, method in METHODS.items():
+        if name != "nfsd":
+            assert method.negative_prompt == ("" if name in empty else DEFAULT_NEGATIVE_PROMPT), name
+    toy = ToyDiffusion()
+    for method in METHODS.values():
+        assert torch.equal(toy.negative_embedding(method.negative_prompt), toy.get_text_embeds("low quality"))
