@@ -384,7 +384,8 @@ class DistillationCore:
         return eps_lora
 
     def train_lora(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Take one AdamW step of the LoRA's denoising loss (lora_loss) at a fresh t ~ U[0, T) and fresh noise; return the loss."""
+        """Take one AdamW step of the LoRA's denoising loss (lora_loss) at a fresh t ~ U[0, T) and fresh noise; return
+        the loss."""
         self.enable_lora()
         t = int(torch.randint(0, self.schedule.num_train_timesteps, (1,)).item())
         noise = torch.randn(latents.shape, device=latents.device, dtype=grad_dtype(latents))

@@ -14,9 +14,10 @@ from guidance.losses import PDS_VARIANTS, SDI_INVERSION_ETA, SDI_INVERSION_GUIDA
 
 DEFAULT_T_RANGE = (0.02, 0.98)
 DEFAULT_NEGATIVE_PROMPT = "low quality"  # the course's: the uncond CFG row of a run without --negative_prompt
-# NFSD's negative prompt, for its delta_D = eps_null - eps_neg (the paper's, and its authors' code's in SDS-Bridge)
-NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
-                        "gloomy")
+# NFSD's negative prompt, for its delta_D = eps_null - eps_neg (the paper's, and the reference code's: SDS-Bridge's 2D
+# nfsd_loss)
+NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                        "low-resolution, gloomy")
 BRIDGE_SRC_MODIFIER = (", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, "
                        "malformed")
 BRIDGE_TGT_MODIFIER = ", detailed high resolution, high quality, sharp"

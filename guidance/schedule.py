@@ -142,7 +142,8 @@ class NoiseSchedule:
         """
         return self.ddim_update(self.predict_x0(x_t, eps, t), eps, t_next)
 
-    def ddim_update(self, x0_hat: torch.Tensor, eps: torch.Tensor, t_next, x0_clip: float | None = None) -> torch.Tensor:
+    def ddim_update(self, x0_hat: torch.Tensor, eps: torch.Tensor, t_next,
+                    x0_clip: float | None = None) -> torch.Tensor:
         """Return alpha_next x0_hat + sigma_next eps, x0_hat first clamped to [-x0_clip, x0_clip] if given (a scheduler
         config's clip_sample; eps is kept, as DDIMScheduler keeps it). On the rectified-flow path, from a velocity
         output v, this is the flow-matching Euler step x_t + (sigma_next - sigma_t) v."""
@@ -153,8 +154,9 @@ class NoiseSchedule:
     def x0_and_eps(self, prediction_type: str, output: torch.Tensor, x_t: torch.Tensor, t) -> tuple:
         """Return (x0_hat, eps) from a denoiser's native output at x_t, as diffusers' schedulers compute them.
 
-        epsilon: x0_hat = (x_t - sigma_t eps) / alpha_t; v: x0_hat = alpha_t x_t - sigma_t v, eps = alpha_t v + sigma_t x_t;
-        flow velocity: x0_hat = x_t - sigma_t v, eps = x_t + alpha_t v (no division: defined at sigma = 1, alpha = 0).
+        epsilon: x0_hat = (x_t - sigma_t eps) / alpha_t; v: x0_hat = alpha_t x_t - sigma_t v,
+        eps = alpha_t v + sigma_t x_t; flow velocity: x0_hat = x_t - sigma_t v, eps = x_t + alpha_t v (no division:
+        defined at sigma = 1, alpha = 0).
         """
         alpha, sigma = self.alpha(t), self.sigma(t)
         if prediction_type == "epsilon":

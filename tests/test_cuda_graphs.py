@@ -49,7 +49,7 @@ def test_cpu_models_run_eagerly(tiny_sd):
     assert tiny_sd.graphs is None
 
 
-# ----------------------------------------------------------------------------------------- the graphs' bookkeeping, on a CPU
+# ----------------------------------------------------------------------------------------- graph bookkeeping, CPU
 class EagerReplay(CudaGraphs):
     """CudaGraphs with the capture replaced by eager calls: warm-up (with the training step's save and restore),
     static input buffers and replays exactly as on a GPU, so that the graphed path is checked without CUDA."""

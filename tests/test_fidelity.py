@@ -71,9 +71,9 @@ def denoiser_output(pipe, x_t: torch.Tensor, timestep, prompts: list[str], heigh
 @pytest.mark.parametrize("family", ALL)
 def test_vsd_lora_trains_on_the_models_own_target(folders, loaded, family):
     """lora_loss is the MSE of the denoiser's native output to what the model was trained on (diffusers' own
-    get_velocity's v = alpha noise - sigma x0; noise - x0 for SD 3's flow), and the LoRA's training step minimises exactly
-    it. Fails if the LoRA trains on eps (at t = 900 that is alpha_t^2 = 0.02 times the v-loss on SD 2.x v), if the
-    target's sign or coefficients are off, or if the step minimises something else than lora_loss."""
+    get_velocity's v = alpha noise - sigma x0; noise - x0 for SD 3's flow), and the LoRA's training step minimises
+    exactly it. Fails if the LoRA trains on eps (at t = 900 that is alpha_t^2 = 0.02 times the v-loss on SD 2.x v),
+    if the target's sign or coefficients are off, or if the step minimises something else than lora_loss."""
     _, pipe = loaded(family)
     model = StableDiffusion(str(folders[family]), device="cpu", precision=torch.float64, lora_lr=1e-2)
     model.enable_lora()  # fresh: lora_B = 0, so the LoRA's output is the pipeline's denoiser's
@@ -240,7 +240,8 @@ def official_pds_reference(pipe, src, tgt, noise_t, noise_s, index: int, scale: 
     ascending = list(reversed(grid.timesteps.tolist()))
     t, t_prev = ascending[index], ascending[index - 1]
     if is_sd3:
-        (alpha_t, sigma_t), (alpha_p, sigma_p), (alpha_1, sigma_1) = path(pipe, t), path(pipe, t_prev), path(pipe, t - 1)
+        (alpha_t, sigma_t), (alpha_p, sigma_p) = path(pipe, t), path(pipe, t_prev)
+        alpha_1, sigma_1 = path(pipe, t - 1)
         sqrt_alpha_step = alpha_t / alpha_1
         beta_t = sigma_t**2 - sqrt_alpha_step**2 * sigma_1**2
         one_minus_abar_t, one_minus_abar_p, sqrt_abar_p = sigma_t**2, sigma_p**2, alpha_p
@@ -352,9 +353,10 @@ def test_sdxl_null_prompt_and_time_ids_follow_the_pipeline(folders, loaded, tmp_
 
 # ----------------------------------------------------------------------------------------- SDI: the authors' inversion
 def sdi_reference(pipe, x, t: int, n: int, noises, scale: float, inversion_scale_threestudio: float, eta: float):
-    """Return SDI's gradient x - x0_hat(x_t) with x_t from the inversion of threestudio's stable_diffusion_sdi_guidance.py,
-    written from its code in its own CFG convention, eps = eps_c + s (eps_c - eps_u): each step a DDIM step (x0 from
-    eps, then alpha_next x0 + sigma_next eps) plus inversion_eta * z * sqrt(DDIMScheduler._get_variance(t_next, t_k))
+    """Return SDI's gradient x - x0_hat(x_t) with x_t from the inversion of threestudio's
+    stable_diffusion_sdi_guidance.py, written from its code in its own CFG convention, eps = eps_c + s (eps_c - eps_u):
+    each step a DDIM step (x0 from eps, then alpha_next x0 + sigma_next eps) plus
+    inversion_eta * z * sqrt(DDIMScheduler._get_variance(t_next, t_k))
     = (1 - abar_k) / (1 - abar_next) (1 - abar_next / abar_k) (SD 3: the same Gaussian posterior's variance,
     sigma_k^2 / sigma_next^2 (sigma_next^2 - (alpha_next / alpha_k)^2 sigma_k^2)); on our equal grid round(k t / n)."""
     from test_families import reference_cfg, reference_eps
@@ -422,7 +424,7 @@ def test_sdi_null_prompt_inversion_is_the_old_default_and_eta_draws_fresh_noise(
     assert not torch.allclose(grad(), grad(), atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------- NFSD and the negative prompts
+# ----------------------------------------------------------------------------------------- negative prompts, NFSD
 @pytest.mark.parametrize("family, t, small", [("sd2", 199, True), ("sd2", 200, False), ("sd3", 363, True),
                                               ("sd3", 364, False)])
 def test_nfsd_small_t_branch_is_a_noise_level(loaded, family, t, small):
