@@ -19,11 +19,10 @@ from pathlib import Path
 from guidance.common import ON_OFF_AUTO, PRECISIONS, UserError, check_writable_dir, load_image, resolve_device
 from guidance.core import T_SCHEDULES, VSD_LORA_TIMESTEPS
 from guidance.generators import GENERATORS
-from guidance.methods import LOSS_TYPES, METHODS, OPTION_FLAGS
+from guidance.methods import DEFAULT_NEGATIVE_PROMPT, LOSS_TYPES, METHODS, OPTION_FLAGS
 from guidance.models import DEFAULT_MODEL
 from guidance.schedule import WEIGHTINGS
 
-DEFAULT_NEGATIVE_PROMPT = "low quality"
 T_ANNEAL_TO = 0.5  # --t_schedule anneal: the largest t falls to this fraction of T
 SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch's and NumPy's generators take them without wrapping
 
@@ -48,7 +47,10 @@ class RunConfig(_MethodOptions):
     """One distillation run: the course's flags and ours (see main.py --help). None means 'the method's default'."""
 
     prompt: str = setting("", "generation prompt (PDS: the source image's prompt)", required=True)
-    negative_prompt: str | None = setting(None, f"prompt for the unconditional CFG branch (default \"{DEFAULT_NEGATIVE_PROMPT}\")")
+    negative_prompt: str | None = setting(None, "prompt of the unconditional CFG row; default per method, as its authors' "
+                                                "code: \"" + DEFAULT_NEGATIVE_PROMPT + "\" (the course's), \"\" for "
+                                                + ", ".join(n for n, m in METHODS.items() if m.negative_prompt == "")
+                                                + ", the paper's for nfsd")
     edit_prompt: str | None = setting(None, "editing methods (pds, dds, sds_edit): the target prompt")
     src_img_path: str | None = setting(None, "editing methods (pds, dds, sds_edit): the source image")
     save_dir: str | None = setting(None, "where the result and its run folder are written (default outputs/<loss_type>, "
@@ -193,7 +195,7 @@ class RunConfig(_MethodOptions):
         if not config.prompt or not config.prompt.strip():
             raise UserError("--prompt is empty: give the text to distil, e.g. --prompt \"A castle next to a river\"")
         defaults = {"save_dir": str(Path("outputs") / config.loss_type),
-                    "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "guidance_scale": method.guidance_scale,
+                    "negative_prompt": method.negative_prompt, "guidance_scale": method.guidance_scale,
                     "step": method.steps, "weighting": method.weighting, "t_schedule": method.t_schedule,
                     "t_range": method.t_range}
         for name, default in defaults.items():
@@ -227,9 +229,9 @@ class RunConfig(_MethodOptions):
         for flag, value, above, fix in checks:
             if value is not None and (not math.isfinite(float(value)) or float(value) <= above):
                 raise UserError(f"--{flag} {value} must be {fix}")
-        for dest, option in OPTION_FLAGS.items():
+        for dest in OPTION_FLAGS:
             value = getattr(self, dest)
-            if option.kind is float and value is not None and not math.isfinite(float(value)):
+            if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{dest} {value} must be a finite number")
         if not 0 <= self.seed < SEED_LIMIT:
             raise UserError(f"--seed {self.seed} is outside [0, 2^63): give a seed such as 0, 1 or 12345")
@@ -287,6 +289,9 @@ class RunConfig(_MethodOptions):
         for flag in ("ism_delta_t", "ism_delta_s", "ddim_steps"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise UserError(f"--{flag} {getattr(self, flag)} must be at least 1")
+        if self.ddim_steps is not None and self.ddim_steps > num_train_timesteps:
+            raise UserError(f"--ddim_steps {self.ddim_steps}: a sampler takes at most one step per training timestep "
+                            f"({num_train_timesteps}); e.g. 50")
 
     def _check_environment(self) -> None:
         """Check the device, the speed settings, the model's options and the folders a run writes to."""

@@ -129,27 +129,47 @@ class DistillationCore:
         """Return the text embedding of the empty prompt "" (eps_null's condition in NFSD, ISM and SDI)."""
         return self.get_text_embeds("")
 
+    def negative_embedding(self, negative_prompt: str) -> torch.Tensor:
+        """Return the uncond CFG row for a run's negative prompt: its embedding, or for "" (no negative prompt) the
+        null embedding, which on SDXL is the zeros its pipeline uses without a negative prompt."""
+        return self.null_embedding() if negative_prompt == "" else self.get_text_embeds(negative_prompt)
+
     # ----------------------------------------------------------------------------------------- UNet calls
     def predict_eps(self, x_t: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Return the model's noise prediction eps(x_t, t, c) in x_t's grad_dtype (one UNet call, batch = len(x_t)).
 
         t is one integer for every row, or a sequence / 1-D tensor of one integer timestep per row.
         """
-        if isinstance(t, int):
-            timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        else:
-            timesteps = torch.as_tensor(t, dtype=torch.long).to(x_t.device)
-        x, c = x_t.to(self.dtype), encoder_hidden_states.to(self.dtype)
-        if self.graphs is not None and not torch.is_grad_enabled():
-            out = self.graphs.call(("unet", self._adapters_on), self._unet_output, x, timesteps, c)
-        else:
-            out = self._unet_output(x, timesteps, c)
-        out = out.to(grad_dtype(x_t))
+        timesteps = self._timesteps(t, x_t)
+        out = self._denoise(x_t, timesteps, encoder_hidden_states)
         if self.prediction_type != "epsilon":
             a, b = self._eps_coefficients(timesteps, out).unbind(-1)
             shape = (-1,) + (1,) * (out.dim() - 1)
             out = a.view(shape) * out + b.view(shape) * x_t.to(out.dtype)
         return out
+
+    def predict_output(self, x_t: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Return the denoiser's native output (eps, v or the flow velocity: prediction_type) in x_t's grad_dtype.
+
+        As predict_eps, and t may also be a float (one for every row): a sampler's real timestep on the
+        rectified-flow path (SD 3), passed to the denoiser as float32, as diffusers' pipeline passes it.
+        """
+        return self._denoise(x_t, self._timesteps(t, x_t), encoder_hidden_states)
+
+    def _timesteps(self, t, x_t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, (int, float)):
+            dtype = torch.long if isinstance(t, int) else torch.float32
+            return torch.full((x_t.shape[0],), t, device=x_t.device, dtype=dtype)
+        return torch.as_tensor(t, dtype=torch.long).to(x_t.device)
+
+    def _denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Return the denoiser's output in x_t's grad_dtype (replayed from a CUDA graph under no_grad when graphed)."""
+        x, c = x_t.to(self.dtype), encoder_hidden_states.to(self.dtype)
+        if self.graphs is not None and not torch.is_grad_enabled():
+            out = self.graphs.call(("unet", self._adapters_on), self._unet_output, x, timesteps, c)
+        else:
+            out = self._unet_output(x, timesteps, c)
+        return out.to(grad_dtype(x_t))
 
     def _unet_output(self, x: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(x, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -163,11 +183,13 @@ class DistillationCore:
             self._eps_table = table
         return table[t]
 
-    def predict_uncond_cond(self, x_t: torch.Tensor, t, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_uncond_cond(self, x_t: torch.Tensor, t, text_embeddings: torch.Tensor,
+                            output: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
         """Return (eps_uncond, eps_cond) for every row of x_t from ONE batched UNet call on [x_t; x_t].
 
         text_embeddings = cat[uncond, cond], each with n rows; n must divide the latents' batch B, and row i
         of the latents is paired with row i // (B / n) (so PDS and DDS pass cat[src_u, tgt_u, src_c, tgt_c]).
+        output="native" returns the denoiser's own outputs instead (predict_output: v, velocity).
         """
         batch = x_t.shape[0]
         uncond, cond = text_embeddings.chunk(2)
@@ -176,10 +198,10 @@ class DistillationCore:
         repeat = batch // uncond.shape[0]
         if repeat > 1:
             uncond, cond = uncond.repeat_interleave(repeat, 0), cond.repeat_interleave(repeat, 0)
-        if not isinstance(t, int):
+        if not isinstance(t, (int, float)):
             t = torch.cat([torch.as_tensor(t), torch.as_tensor(t)])
-        eps = self.predict_eps(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond]))
-        return eps.chunk(2)
+        predict = self.predict_eps if output == "eps" else self.predict_output
+        return predict(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond])).chunk(2)
 
     def get_noise_preds(self, latents_noisy: torch.Tensor, t: int, text_embeddings: torch.Tensor,
                         guidance_scale: float) -> torch.Tensor:
@@ -197,38 +219,55 @@ class DistillationCore:
 
     # ----------------------------------------------------------------------------------------- DDIM
     @torch.no_grad()
-    def ddim_invert(self, latents: torch.Tensor, embedding: torch.Tensor, t: int, n_steps: int) -> torch.Tensor:
-        """Return x_t from deterministic DDIM inversion (eta 0) of the latents, taken as x at timestep 0, to t.
+    def ddim_invert(self, latents: torch.Tensor, embedding: torch.Tensor, t: int, n_steps: int,
+                    guidance_scale: float | None = None, eta: float = 0.0, noises=None) -> torch.Tensor:
+        """Return x_t from DDIM inversion of the latents, taken as x at timestep 0, to t.
 
-        n equal steps t_k = round(k t / n): e = eps(x_{t_k}, t_k; embedding), x0 = (x_{t_k} - sigma_{t_k} e) / alpha_{t_k},
-        x_{t_{k+1}} = alpha_{t_{k+1}} x0 + sigma_{t_{k+1}} e. `embedding` is one prompt's (no CFG). n UNet calls.
+        n equal steps t_k = round(k t / n): e = eps(x_{t_k}, t_k), x0 = (x_{t_k} - sigma_{t_k} e) / alpha_{t_k},
+        x_{t_{k+1}} = alpha_{t_{k+1}} x0 + sigma_{t_{k+1}} e (+ eta std_k z_k). `embedding` is one prompt's
+        (guidance_scale None: e = eps(x; embedding), n UNet calls of B rows) or cat[uncond, cond] with CFG at
+        guidance_scale (n calls of 2B rows). eta > 0 adds noise after each step, as threestudio's SDI does:
+        std_k = posterior_std(t_{k+1}, t_k), the spread of q(x_{t_k} | x_{t_{k+1}}, x0) (0 where t_k is clean
+        data), z_k = noises[k] if given, else N(0, I). eta 0 is deterministic.
         """
         t, n_steps = int(t), int(n_steps)
         if n_steps < 1 or n_steps > t:
             raise ValueError(f"DDIM inversion to t={t} in {n_steps} steps needs 1 <= steps <= t")
         x = latents.detach().to(grad_dtype(latents))
-        cond = self._expand_rows(embedding, x.shape[0])
+        cond = self._expand_rows(embedding, x.shape[0]) if guidance_scale is None else None
         timesteps = [round(k * t / n_steps) for k in range(n_steps + 1)]
-        for t_k, t_next in zip(timesteps[:-1], timesteps[1:]):
-            x = self.schedule.ddim_step(x, self.predict_eps(x, t_k, cond), t_k, t_next)
+        for k, (t_k, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+            if guidance_scale is None:
+                eps = self.predict_eps(x, t_k, cond)
+            else:
+                eps = self.get_noise_preds(x, t_k, embedding, guidance_scale)
+            x = self.schedule.ddim_step(x, eps, t_k, t_next)
+            if eta > 0 and self.schedule.sigma(t_k) > 0:
+                z = self._noise_like(x, None if noises is None else noises[k])
+                x = x + eta * self.schedule.posterior_std(t_next, t_k) * z
         return x
 
     @torch.no_grad()
-    def ddim_sample(self, x_t: torch.Tensor, timesteps: list[int], text_embeddings: torch.Tensor,
+    def ddim_sample(self, x_t: torch.Tensor, steps: list[tuple], text_embeddings: torch.Tensor,
                     guidance_scale: float | None = None) -> torch.Tensor:
-        """Return the end of a deterministic DDIM (eta 0) trajectory from x_t through the descending `timesteps`.
+        """Return the end of a deterministic DDIM (eta 0) trajectory from x_t through the moves `steps`.
 
-        timesteps[0] is x_t's timestep; a last entry -1 returns x0_hat (clean data). text_embeddings is one
-        prompt's embedding (guidance_scale None) or cat[uncond, cond] with CFG at guidance_scale. One UNet call
-        per step (batch 2B with CFG).
+        steps: (t, t_next) pairs, descending (schedule.sampler_steps(n): the model's own sampler); t_next = -1 ends at
+        x0_hat (clean data). text_embeddings is one prompt's embedding (guidance_scale None) or cat[uncond, cond]
+        with CFG at guidance_scale, on the denoiser's native output (as diffusers' pipelines; the same as CFG on eps,
+        an affine map of it). x0_hat and eps come from that output as the scheduler computes them (SD 3 starts at
+        sigma = 1, where eps alone cannot give x0_hat), x0_hat clamped as the model's DDIM config says
+        (clip_sample). One UNet call per step (batch 2B with CFG).
         """
         x = x_t.detach().to(grad_dtype(x_t))
-        for t_k, t_next in zip(timesteps[:-1], timesteps[1:]):
+        for t, t_next in steps:
             if guidance_scale is None:
-                eps = self.predict_eps(x, t_k, self._expand_rows(text_embeddings, x.shape[0]))
+                out = self.predict_output(x, t, self._expand_rows(text_embeddings, x.shape[0]))
             else:
-                eps = self.get_noise_preds(x, t_k, text_embeddings, guidance_scale)
-            x = self.schedule.ddim_step(x, eps, t_k, t_next)
+                out_uncond, out_cond = self.predict_uncond_cond(x, t, text_embeddings, output="native")
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            x0_hat, eps = self.schedule.x0_and_eps(self.prediction_type, out, x, t)
+            x = self.schedule.ddim_update(x0_hat, eps, t_next, x0_clip=self.schedule.x0_clip)
         return x
 
     # ----------------------------------------------------------------------------------------- LoRA (VSD)
@@ -300,26 +339,60 @@ class DistillationCore:
         if self.graphs is not None:
             self.graphs.clear()
 
-    def lora_training_step(self, x_t: torch.Tensor, t: int, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Return eps_phi(x_t, t, y), detached, after one AdamW step of the LoRA on ||eps_phi(x_t, t, y) - noise||^2."""
+    def lora_loss(self, x0: torch.Tensor, t: int, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Return the loss the LoRA's training step minimises at t: mean ||out_phi(x_t, t, y) - target||^2.
+
+        x_t = alpha_t x0 + sigma_t noise; out_phi is the denoiser's native output (with its LoRA) and target what the
+        model was trained to output (schedule.training_target): noise (epsilon), alpha_t noise - sigma_t x0
+        (v-prediction), noise - x0 (flow). An eps-MSE would be alpha_t^2 times the v-loss (0.006 at t = 980 on SD's
+        path) and (1 - sigma_t)^2 times the velocity loss, so high-noise steps would barely train. cond: the
+        prompt's conditional embedding, one row or one per latent.
+        """
+        x_t, timesteps, cond, target, _ = self._lora_inputs(x0, t, noise, cond)
+        return self._lora_objective(x_t, timesteps, cond, target)[1]
+
+    def _lora_inputs(self, x0: torch.Tensor, t: int, noise: torch.Tensor, cond: torch.Tensor) -> tuple:
+        """Return (x_t, timesteps, cond, target, eps coefficients): the tensors one LoRA training step reads."""
+        x_t = self.schedule.add_noise(x0, noise, t)
+        timesteps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+        target = self.schedule.training_target(self.prediction_type, x0, noise, t)
+        cond = self._expand_rows(cond, x0.shape[0]).to(self.dtype)
+        return x_t, timesteps, cond, target, self._eps_coefficients(t, noise)
+
+    def _lora_objective(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (the denoiser's native output with the LoRA, its MSE to target), with autograd when enabled."""
+        out = self._unet_output(x_t.to(self.dtype), timesteps, cond).to(target.dtype)
+        return out, F.mse_loss(out, target)
+
+    def _lora_step(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, target: torch.Tensor,
+                   eps_coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (eps_phi(x_t) detached, the loss detached) after one AdamW step of the LoRA on _lora_objective.
+
+        The one LoRA training step: run eagerly, or captured and replayed by a CUDA graph (every input a tensor,
+        so that a replay reads new values; eps_coefficients = [a, b] with eps = a * output + b * x_t).
+        """
+        self.lora_optimizer.zero_grad(set_to_none=True)
+        out, loss = self._lora_objective(x_t, timesteps, cond, target)
+        loss.backward()
+        self.lora_optimizer.step()
+        return (eps_coefficients[0] * out + eps_coefficients[1] * x_t).detach(), loss.detach()
+
+    def lora_training_step(self, x0: torch.Tensor, t: int, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Return eps_phi(x_t, t, y), detached, after one AdamW step of the LoRA on lora_loss(x0, t, noise, cond)."""
+        inputs = self._lora_inputs(x0, t, noise, cond)
         if self.graphs is None or self.lora_checkpointing:  # a recomputing backward runs eagerly
-            eps_lora = self.predict_eps(x_t, t, cond)
-            loss = F.mse_loss(eps_lora, noise)
-            self.lora_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.lora_optimizer.step()
-            self.last_lora_loss = loss.detach()
-            return eps_lora.detach()
-        timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        eps_lora, self.last_lora_loss = self.graphs.train_step(
-            self.unet, x_t, timesteps, cond.to(self.dtype), noise, self._eps_coefficients(t, noise), self.dtype,
-            self.lora_optimizer, self.lora_parameters, forward=self._unet_output)
+            eps_lora, self.last_lora_loss = self._lora_step(*inputs)
+        else:
+            eps_lora, self.last_lora_loss = self.graphs.train_step(("lora",), self._lora_step, inputs,
+                                                                   self.lora_optimizer, self.lora_parameters)
         return eps_lora
 
     def train_lora(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Take one AdamW step of the LoRA's denoising loss ||eps_phi(x_t, t, y) - eps||^2 at a fresh t ~ U[0, T); return the loss."""
+        """Take one AdamW step of the LoRA's denoising loss (lora_loss) at a fresh t ~ U[0, T) and fresh noise; return
+        the loss."""
         self.enable_lora()
         t = int(torch.randint(0, self.schedule.num_train_timesteps, (1,)).item())
         noise = torch.randn(latents.shape, device=latents.device, dtype=grad_dtype(latents))
-        self.lora_training_step(self.schedule.add_noise(latents, noise, t), t, cond, noise)
+        self.lora_training_step(latents, t, cond, noise)
         return self.last_lora_loss

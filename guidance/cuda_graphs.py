@@ -7,8 +7,9 @@ them from the GPU's side. Two things are graphed:
 
 - calls under no_grad: the UNet forward (SDS, PDS, VSD's pretrained pass and its LoRA pass at a fresh t), one
   graph per (input shapes, dtype, LoRA adapters on or off), and the VAE decoder (main.py's progress images);
-- VSD's LoRA training step: forward with autograd, the denoising loss ||eps_phi - eps||^2, backward and the
-  AdamW step (which must be created with capturable=True), one graph per input shape.
+- VSD's LoRA training step (guidance/core.py's _lora_step, the same function that runs eagerly): forward with
+  autograd, the LoRA's denoising loss on the model's native output, backward and the AdamW step (which must be
+  created with capturable=True), one graph per input shape.
 
 A graph reads its inputs from fixed buffers and the weights from their storage, so each call copies its
 inputs in, and in-place weight updates (the LoRA's AdamW) are seen by later replays. Anything that replaces
@@ -19,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 WARMUP_CALLS = 2  # eager calls on a side stream before capture, as CUDA graph capture requires
 
@@ -95,35 +95,18 @@ class CudaGraphs:
             self._forwards[key] = entry
         return self._replay(entry, *inputs)[0]
 
-    def train_step(self, unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                   noise: torch.Tensor, eps_coefficients: torch.Tensor, unet_dtype: torch.dtype,
-                   optimizer: torch.optim.Optimizer, parameters: list, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (eps_phi detached, loss) after one AdamW step of ||unet's eps(sample, t, c) - noise||^2, from a graph.
+    def train_step(self, name: tuple, step, inputs: tuple, optimizer: torch.optim.Optimizer,
+                   parameters: list) -> tuple:
+        """Return step(*inputs), a training step that updates `parameters` in place, replayed from a CUDA graph.
 
-        sample and noise are in the dtype gradients are formed in; the UNet runs in unet_dtype.
-        eps_coefficients = [a, b] turns the UNet's output into eps = a * out + b * sample (epsilon models:
-        [1, 0]; v-prediction: [sqrt(abar_t), sqrt(1 - abar_t)]). The optimizer must be capturable. Its warm-up
-        calls would train the LoRA, so parameters and optimizer state are restored after them: the graph's first
-        replay is the first step. forward(x, t, c), if given, replaces unet(x, t, encoder_hidden_states=c): a model
-        whose denoiser takes more conditioning (SDXL's pooled vector and time ids, SD 3's transformer) unpacks it
-        from c there, so that everything the graph reads is one of its inputs or a fixed buffer.
+        step is the model's own eager step (guidance/core.py's _lora_step: forward, loss, backward, AdamW), captured
+        once per (name, input shapes): the graphed and the eager step are one function. The optimizer must be
+        capturable. The capture's warm-up calls would train, so parameters and optimizer state are restored after
+        them: the graph's first replay is the first step.
         """
-        key = (id(unet), unet_dtype) + _key(sample, timesteps, encoder_hidden_states, noise)
+        key = (name,) + _key(*inputs)
         entry = self._train_steps.get(key)
         if entry is None:
-            def fn(x, t, c, target, coefficients):
-                optimizer.zero_grad(set_to_none=True)
-                if forward is None:
-                    out = unet(x.to(unet_dtype), t, encoder_hidden_states=c, return_dict=False)[0]
-                else:
-                    out = forward(x.to(unet_dtype), t, c)
-                out = out.to(target.dtype)
-                eps = coefficients[0] * out + coefficients[1] * x
-                loss = F.mse_loss(eps, target)
-                loss.backward()
-                optimizer.step()
-                return eps.detach(), loss.detach()
-
             saved = {}
 
             def save():
@@ -137,11 +120,10 @@ class CudaGraphs:
                         p.copy_(value)
                     for p in parameters:  # in place: the graph will read these very tensors
                         before = saved["state"].get(id(p), {})
-                        for name, value in optimizer.state[p].items():
+                        for state_name, value in optimizer.state[p].items():
                             if torch.is_tensor(value):
-                                value.copy_(before[name]) if name in before else value.zero_()
+                                value.copy_(before[state_name]) if state_name in before else value.zero_()
 
-            inputs = tuple(v.clone() for v in (sample, timesteps, encoder_hidden_states, noise, eps_coefficients))
-            entry = self._capture(fn, inputs, before_warmup=save, after_warmup=restore)
+            entry = self._capture(step, tuple(v.clone() for v in inputs), before_warmup=save, after_warmup=restore)
             self._train_steps[key] = entry
-        return self._replay(entry, sample, timesteps, encoder_hidden_states, noise, eps_coefficients)
+        return self._replay(entry, *inputs)

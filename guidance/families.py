@@ -54,7 +54,11 @@ class StableDiffusionXL(StableDiffusion):
 
     As StableDiffusionXLPipeline: the prompt's hidden states are both encoders' penultimate layers concatenated
     (768 + 1280 = 2048), the pooled vector is the second encoder's projection (1280), and the time ids are
-    (H, W, 0, 0, H, W): original size, crop corner, target size, here the native 1024 x 1024 for every call.
+    (H, W, 0, 0, H, W): original size, crop corner, target size, with (H, W) the size of the image the latents
+    decode to (the pipeline's height and width: 1024 x 1024 for generation, a non-square edit source's own size).
+    The unconditional prediction without a negative prompt (null_embedding) is zeros for both the hidden states
+    and the pooled vector when model_index.json sets force_zeros_for_empty_prompt (SDXL base does; the pipeline's
+    default), as the pipeline's encode_prompt does for negative_prompt=None.
     In fp16 the VAE runs in fp32 unless its config says it does not need to (force_upcast false: an fp16-fix VAE
     such as madebyollin/sdxl-vae-fp16-fix put in vae/), since SDXL's own VAE overflows to NaN in fp16.
     """
@@ -89,8 +93,24 @@ class StableDiffusionXL(StableDiffusion):
             raise UserError(f"{self.model_name}: the UNet expects {expected} added-embedding inputs, but 6 time ids x "
                             f"{self.unet.config.addition_time_embed_dim} + the pooled {self.pooled_dim} do not make "
                             f"that: unet/ and text_encoder_2/ are from different models")
-        size = self.resolution
-        self.add_time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=self.dtype, device=self.device)
+        self._time_ids = {}  # (H, W, dtype, device) -> [1, 6] time ids, made once (a CUDA graph reads them)
+        self.force_zeros_for_empty_prompt = bool(self.source.index.get("force_zeros_for_empty_prompt", True))
+
+    def null_embedding(self) -> torch.Tensor:
+        """Return the unconditional embedding without a negative prompt: zeros (prompt and pooled) when the model's
+        config forces them (StableDiffusionXLPipeline.encode_prompt with negative_prompt=None), else the encoded ""."""
+        if not self.force_zeros_for_empty_prompt:
+            return super().null_embedding()
+        length = self.tokenizer.model_max_length + 1  # the hidden states and the pooled row
+        return torch.zeros(1, length, self.unet.config.cross_attention_dim, dtype=self.dtype, device=self.device)
+
+    def time_ids(self, height: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Return the [1, 6] time ids (H, W, 0, 0, H, W) of an image of height x width pixels, as the pipeline's
+        _get_add_time_ids(original_size=(H, W), crops_coords_top_left=(0, 0), target_size=(H, W))."""
+        key = (height, width, dtype, device)
+        if key not in self._time_ids:
+            self._time_ids[key] = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+        return self._time_ids[key]
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         """Return StableDiffusionXLPipeline.encode_prompt's (prompt_embeds, pooled) as one [1, 77 + 1, 2048] tensor."""
@@ -99,7 +119,9 @@ class StableDiffusionXL(StableDiffusion):
 
     def _unet_output(self, x: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         prompt_embeds, pooled = split_pooled_row(encoder_hidden_states, self.pooled_dim)
-        added = {"text_embeds": pooled, "time_ids": self.add_time_ids.to(prompt_embeds.dtype).expand(x.shape[0], -1)}
+        height, width = (side * self.vae_scale_factor for side in x.shape[-2:])
+        time_ids = self.time_ids(height, width, prompt_embeds.dtype, x.device).expand(x.shape[0], -1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
         return self.unet(x, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
                          return_dict=False)[0]
 

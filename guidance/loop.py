@@ -157,7 +157,7 @@ class RunState:
         folder.write_config(record)
         model.reset_lora()  # a reused model starts every run pristine: no LoRA left over from an earlier VSD run
         seed_everything(config.seed)
-        uncond = model.get_text_embeds(config.negative_prompt)
+        uncond = model.negative_embedding(config.negative_prompt)  # "" is the null prompt's (SDXL: zeros)
         text_embeddings = torch.cat([uncond, model.get_text_embeds(config.prompt)])
         latents, src_latents = initial_latents(model, config, folder)
         if init_latents is not None:

@@ -12,13 +12,30 @@ records what it aimed at in `last_guidance`.
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
 
 from guidance.core import DistillationCore, grad_dtype, reparam_loss
+from guidance.schedule import NoiseSchedule, timestep_grid
 
-NFSD_SMALL_T = 200  # NFSD: below this t, delta_D is eps_null alone (the negative prompt's term is dropped)
+PDS_VARIANTS = ("paper", "official")
+PDS_OFFICIAL_STEPS = 500  # the official PDS code's DDIM grid (PDSConfig.num_inference_steps)
+# SDI's inversion as the authors' code runs it (threestudio: inversion_guidance_scale -7.5 in eps_c + s (eps_c - eps_u),
+# i.e. -6.5 in eps_u + s (eps_c - eps_u); inversion_eta 0.3)
+SDI_INVERSION_GUIDANCE = -6.5
+SDI_INVERSION_ETA = 0.3
+# NFSD: below the noise level of t = 200 on Stable Diffusion's DDPM path (the paper's and the authors' code's t < 200),
+# delta_D is eps_null alone (the negative prompt's term is dropped). Compared as sigma_t / alpha_t (0.572 there) so that
+# it means the same noise level on any path: on SD 3's rectified flow, t <= 363.
+NFSD_SMALL_T = 200
+SD_PATH = NoiseSchedule.scaled_linear()  # Stable Diffusion's DDPM path, on which NFSD_SMALL_T is a timestep
+
+
+def nfsd_small_noise(schedule: NoiseSchedule, t: int) -> bool:
+    """Return whether t is below NFSD's small-t threshold in noise terms: sigma_t / alpha_t < that of SD's t = 200."""
+    return schedule.sigma(t) / schedule.alpha(t) < SD_PATH.sigma(NFSD_SMALL_T) / SD_PATH.alpha(NFSD_SMALL_T)
 
 
 class ScoreDistillation(DistillationCore):
@@ -52,17 +69,32 @@ class ScoreDistillation(DistillationCore):
 
     def get_pds_loss(self, src_latents: torch.Tensor, tgt_latents: torch.Tensor, src_text_embedding: torch.Tensor,
                      tgt_text_embedding: torch.Tensor, guidance_scale: float = 7.5, grad_scale: float = 1,
-                     t: int | None = None, noise=None, weighting: str = "uniform") -> torch.Tensor:
+                     t: int | None = None, noise=None, weighting: str = "uniform",
+                     variant: str = "paper") -> torch.Tensor:
         """Return the PDS loss; its gradient w.r.t. tgt_latents is grad_scale * w(t) * (z_tgt - z_src).
 
-        Posterior Distillation Sampling (Koo et al., CVPR 2024, eq. 9), noise_t and noise_{t-1} shared by both sides:
-            x_t = alpha_t x0 + sigma_t noise_t,   x_{t-1} = alpha_{t-1} x0 + sigma_{t-1} noise_{t-1},
-            x0_hat = (x_t - sigma_t eps_cfg_s(x_t)) / alpha_t,   z = (x_{t-1} - mu(x_t, x0_hat)) / std_t,
-        with mu, std the Gaussian posterior q(x_{t-1} | x_t, x0_hat). Source and target: one batch-4 UNet call.
-        The paper's weighting is uniform (the course's default).
+        Posterior Distillation Sampling (Koo et al., CVPR 2024, eq. 9), noise_t and noise_s shared by both sides:
+            x_t = alpha_t x0 + sigma_t noise_t,   x_s = alpha_s x0 + sigma_s noise_s,
+            x0_hat = (x_t - sigma_t eps_cfg_s(x_t)) / alpha_t,   z = (x_s - mu(x_t, x0_hat)) / std,
+        mu = c_x0 x0_hat + c_xt x_t. Source and target: one batch-4 UNet call. The paper's weighting is uniform.
+        variant "paper" (the course's form): s = t - 1 and the exact posterior q(x_s | x_t, x0_hat); then
+        c_x0 + c_xt alpha_t = alpha_s, the x_tgt - x_src terms cancel and z_tgt - z_src = c_x0 sigma_t / (alpha_t std)
+        (eps_cfg(x_t^tgt) - eps_cfg(x_t^src)): DDS reweighted by t, whatever noise_s is.
+        variant "official" (KAIST-Visual-AI-Group/PDS's pds.py): t moves to the authors' grid (pds_official_timesteps:
+        500 DDIM steps of the model's spacing, s = the grid point before t, t - 2 on SD's) and the coefficients are
+        schedule.one_step_posterior_coefficients; their mismatch leaves k(t) (x_tgt - x_src) in the gradient,
+        k = (alpha_s - c_x0 - c_xt alpha_t) / std > 0, which pulls the edit back toward the source (k = 1.6 at
+        t = 21, 0.03 at t = 501 on SD's path).
         """
         t = self.sample_timestep(t)
-        t_prev = t - 1
+        if variant == "paper":
+            t_prev = t - 1
+            c_x0, c_xt, std = self.schedule.posterior_coefficients(t, t_prev)
+        elif variant == "official":
+            t, t_prev = self.pds_official_timesteps(t)
+            c_x0, c_xt, std = self.schedule.one_step_posterior_coefficients(t, t_prev)
+        else:
+            raise ValueError(f"unknown PDS variant {variant!r}: use one of {', '.join(PDS_VARIANTS)}")
         noise_t, noise_t_prev = (None, None) if noise is None else noise
         noise_t = self._noise_like(tgt_latents, noise_t)
         noise_t_prev = self._noise_like(tgt_latents, noise_t_prev)
@@ -74,10 +106,22 @@ class ScoreDistillation(DistillationCore):
                 eps_hat = self.get_noise_preds(x_t, t, _pair_rows(src_text_embedding, tgt_text_embedding),
                                                guidance_scale)
             x0_hat = self.schedule.predict_x0(x_t, eps_hat, t)
-            mu = self.schedule.posterior_mean(x0_hat, x_t, t, t_prev)
-            z_src, z_tgt = ((x_t_prev - mu) / self.schedule.posterior_std(t, t_prev)).chunk(2)
+            mu = c_x0 * x0_hat + c_xt * x_t
+            z_src, z_tgt = ((x_t_prev - mu) / std).chunk(2)
         grad = grad_scale * self.schedule.weight(t, weighting) * (z_tgt - z_src)
         return self._record(tgt_latents, grad, t, x_t.chunk(2)[1], eps_hat.chunk(2)[1])
+
+    def pds_official_timesteps(self, t: int) -> tuple[int, int]:
+        """Return (t, t_prev) on the official PDS code's grid: the model's DDIM grid of PDS_OFFICIAL_STEPS steps (SD:
+        1, 3, ..., 999), t moved to the grid point at or below it and t_prev the point before (t - 2 on SD's).
+
+        The authors draw a grid index uniformly in [int(0.02 n), int(0.98 n)); the loop's t, uniform over the integers
+        of the t range, lands on each of those grid points equally often (SD's [20, 980]: 21, ..., 979 twice each,
+        and 19 once).
+        """
+        grid = sorted(timestep_grid(self.schedule.num_train_timesteps, PDS_OFFICIAL_STEPS, self.schedule.ddim))
+        index = max(1, bisect.bisect_right(grid, int(t)) - 1)
+        return grid[index], grid[index - 1]
 
     def get_vsd_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
@@ -86,8 +130,9 @@ class ScoreDistillation(DistillationCore):
 
         ProlificDreamer (Wang et al., NeurIPS 2023), eq. 9: eps_phi is the same UNet with a LoRA (adapters disabled
         for the pretrained branch), conditioned on the prompt only. Each call then takes one AdamW step of the
-        LoRA on the detached particles (eq. 10, target = noise): at a fresh t ~ U[0, T) and fresh noise by
-        default, or on this very x_t when vsd_lora_timestep='shared' (one LoRA forward serves both).
+        LoRA on the detached particles (eq. 10; lora_loss: the model's own training target, noise for epsilon
+        models): at a fresh t ~ U[0, T) and fresh noise by default, or on this very x_t when
+        vsd_lora_timestep='shared' (one LoRA forward serves both).
         """
         self.enable_lora()
         t = self.sample_timestep(t)
@@ -98,7 +143,8 @@ class ScoreDistillation(DistillationCore):
             with self.lora_disabled():
                 eps_pretrained = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
         if self.vsd_lora_timestep == "shared":
-            eps_lora = self.lora_training_step(x_t, t, cond, noise)  # one LoRA forward with autograd serves both
+            # one LoRA forward with autograd serves both (it recomputes this very x_t from x and noise)
+            eps_lora = self.lora_training_step(latents.detach().to(noise.dtype), t, cond, noise)
         else:
             with torch.no_grad():
                 eps_lora = self.predict_eps(x_t, t, cond)
@@ -112,8 +158,9 @@ class ScoreDistillation(DistillationCore):
                       weighting: str = "dreamfusion") -> torch.Tensor:
         """Return the NFSD loss; its gradient is grad_scale * w(t) * (s (eps_c - eps_null) + delta_D).
 
-        Noise-Free Score Distillation (Katzir et al., ICLR 2024, eq. 6-7): delta_D = eps_null for t < 200, else
-        eps_null - eps_neg (eps_neg: the negative prompt's row). ONE batch-3B UNet call on [null, neg, cond].
+        Noise-Free Score Distillation (Katzir et al., ICLR 2024, eq. 6-7): delta_D = eps_null for t < 200 (in noise
+        terms: nfsd_small_noise), else eps_null - eps_neg (eps_neg: the negative prompt's row, the method's own
+        negative prompt by default, guidance/methods.py). ONE batch-3B UNet call on [null, neg, cond].
         """
         t = self.sample_timestep(t)
         noise = self._noise_like(latents, noise)
@@ -125,7 +172,7 @@ class ScoreDistillation(DistillationCore):
             eps_null, eps_neg, eps_cond = self.predict_eps(torch.cat([x_t] * 3), t,
                                                            torch.cat([null, neg, cond])).chunk(3)
             delta_c = eps_cond - eps_null
-            delta_d = eps_null if t < NFSD_SMALL_T else eps_null - eps_neg
+            delta_d = eps_null if nfsd_small_noise(self.schedule, t) else eps_null - eps_neg
         grad = grad_scale * self.schedule.weight(t, weighting) * (guidance_scale * delta_c + delta_d)
         return self._record(latents, grad, t, x_t, eps_null + guidance_scale * delta_c)
 
@@ -234,19 +281,32 @@ class ScoreDistillation(DistillationCore):
 
     def get_sdi_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, inversion_steps: int = 10,
-                     weighting: str = "sigma_over_alpha", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+                     weighting: str = "sigma_over_alpha", eta: float = 0.0, noise: torch.Tensor | None = None,
+                     inversion_guidance: float | str | None = SDI_INVERSION_GUIDANCE,
+                     inversion_eta: float = SDI_INVERSION_ETA, inversion_noise=None) -> torch.Tensor:
         """Return the SDI loss; its gradient is grad_scale * w(t) * (eps_cfg_s(x_t, t) - kappa).
 
         Score Distillation via Inversion (Lukoianov et al., NeurIPS 2024, eq. 9): x_t = DDIM inversion of x to t
-        under "" (inversion_steps steps), kappa = (x_t - alpha_t x) / sigma_t, the noise that inversion implies;
-        with w = sigma_t / alpha_t the gradient is x - x0_hat(x_t), the paper's target. UNet calls:
-        inversion_steps, then one batch-2B CFG call.
+        (inversion_steps equal steps), kappa = (x_t - alpha_t x) / sigma_t, the noise that inversion implies; with
+        w = sigma_t / alpha_t the gradient is x - x0_hat(x_t), the paper's target. The inversion is the authors'
+        code's (threestudio's stable_diffusion_sdi_guidance.py) by default: CFG on the run's [uncond, cond] rows at
+        inversion_guidance -6.5 (their inversion_guidance_scale -7.5 in their convention eps_c + s (eps_c - eps_u))
+        and inversion_eta 0.3: eta posterior_std z added after each step (ddim_invert; z = inversion_noise[k] when
+        given). inversion_guidance None or "null" inverts under the null prompt without CFG; with inversion_eta 0
+        that is this loss before the authors' settings (deterministic). eta > 0 then blends fresh noise into kappa
+        (eta = 1: SDS exactly). UNet calls: inversion_steps of 2B rows (B under the null prompt), then one 2B.
         """
         t = self.sample_timestep(t)
-        null = self._expand_rows(self.null_embedding(), latents.shape[0])
+        null_inversion = inversion_guidance is None or inversion_guidance == "null"
+        if null_inversion:
+            null = self._expand_rows(self.null_embedding(), latents.shape[0])
         with torch.no_grad(), self.lora_disabled():
             x = latents.detach().to(grad_dtype(latents))
-            x_t = self.ddim_invert(x, null, t, inversion_steps)
+            if null_inversion:
+                x_t = self.ddim_invert(x, null, t, inversion_steps, eta=inversion_eta, noises=inversion_noise)
+            else:
+                x_t = self.ddim_invert(x, text_embeddings, t, inversion_steps, guidance_scale=float(inversion_guidance),
+                                       eta=inversion_eta, noises=inversion_noise)
             kappa = (x_t - self.schedule.alpha(t) * x) / self.schedule.sigma(t)
             if eta > 0:  # blend fresh noise into the inverted noise (eta = 1: SDS exactly)
                 kappa = math.sqrt(1 - eta**2) * kappa + eta * self._noise_like(latents, noise)

@@ -4,23 +4,65 @@ a row here and a loss in guidance/losses.py.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from guidance.losses import PDS_VARIANTS, SDI_INVERSION_ETA, SDI_INVERSION_GUIDANCE
+
 DEFAULT_T_RANGE = (0.02, 0.98)
+DEFAULT_NEGATIVE_PROMPT = "low quality"  # the course's: the uncond CFG row of a run without --negative_prompt
+# NFSD's negative prompt, for its delta_D = eps_null - eps_neg (the paper's, and the reference code's: SDS-Bridge's 2D
+# nfsd_loss)
+NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                        "low-resolution, gloomy")
 BRIDGE_SRC_MODIFIER = (", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, "
                        "malformed")
 BRIDGE_TGT_MODIFIER = ", detailed high resolution, high quality, sharp"
 
+
 @dataclass(frozen=True)
 class Option:
-    """A method-specific main.py flag: its type, its help, and the loss keyword it sets (None: read by a step)."""
+    """A method-specific main.py flag: its type (a callable that parses the flag's text, as argparse's type=), its
+    help, and the loss keyword it sets (None: read by a step)."""
 
-    kind: type
+    kind: Callable[[str], object]
     help: str
     keyword: str | None = None
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    """Return a flag type that accepts one of `choices`, and names them when given anything else."""
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    parse.__name__ = "|".join(choices)
+    return parse
+
+
+def guidance_or_null(text: str) -> float | str:
+    """Return a guidance scale, or "null" (no CFG: the null prompt) for the words null / none."""
+    if text.strip().lower() in ("null", "none"):
+        return "null"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a guidance scale (e.g. -6.5) nor null") from None
+
+
+def non_negative(text: str) -> float:
+    """Return a float >= 0 (a noise scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
 
 
 # Method-specific flags of main.py. Their defaults are per method (Method.options); a flag given to a method that does
@@ -35,9 +77,21 @@ OPTION_FLAGS = {
     "inversion_steps": Option(int, "ism / sdi: DDIM inversion steps (default ism 5, sdi 10)", "inversion_steps"),
     "ism_delta_t": Option(int, "ism: interval delta_t between the inverted s and t (default 80)", "delta_t"),
     "ism_delta_s": Option(int, "ism: timesteps per inversion step delta_s (default 200)", "delta_s"),
+    "pds_variant": Option(one_of(*PDS_VARIANTS), "pds: 'paper' (t - 1 and the exact posterior: the course's form, "
+                                                 "a t-reweighted DDS) or 'official' (the authors' pds.py: t on a "
+                                                 "500-step DDIM grid, t_prev = t - 2, one-step posterior "
+                                                 "coefficients, which pull the edit toward the source)", "variant"),
     "ddim_steps": Option(int, "ddim: DDIM sampling steps (default 50)"),
-    "sdi_eta": Option(float, "sdi: fraction of fresh noise blended into the inverted noise kappa (0: the paper's "
-                             "deterministic inversion; 1: SDS)", "eta"),
+    "sdi_eta": Option(float, "sdi: fraction of fresh noise blended into the inverted noise kappa (0: the inverted "
+                             "noise itself; 1: SDS)", "eta"),
+    "sdi_inversion_guidance": Option(guidance_or_null, "sdi: CFG scale of the DDIM inversion on the run's negative "
+                                                       "and prompt rows (default -6.5: the authors' -7.5 in "
+                                                       "threestudio's convention), or null: invert under the null "
+                                                       "prompt without CFG", "inversion_guidance"),
+    "sdi_inversion_eta": Option(non_negative, "sdi: noise added after each inversion step, in units of the step's "
+                                              "posterior std (default 0.3, the authors'; 0: deterministic). "
+                                              "--sdi_inversion_guidance null --sdi_inversion_eta 0 is the "
+                                              "deterministic null-prompt inversion", "inversion_eta"),
 }
 
 
@@ -94,6 +148,9 @@ class Method:
     edits: bool = False  # needs --edit_prompt and --src_img_path; the result is named after the edit prompt
     t_schedule: str = "random"
     t_range: tuple = DEFAULT_T_RANGE
+    # The uncond CFG row's prompt when the run gives no --negative_prompt: the course's, NFSD's own, or "" (no
+    # negative prompt: model.negative_embedding("") is the model's null embedding) where the authors' code uses "".
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     options: dict = field(default_factory=dict)  # method-specific flags (OPTION_FLAGS) and their defaults
     lora: bool = False  # trains a LoRA (VSD)
     step: Callable | None = None  # a step that is more than one loss call: (method, model, context, x, t, i) -> loss
@@ -123,19 +180,15 @@ def call_loss(method: Method, model, context: StepContext, latents: torch.Tensor
     return loss_fn(latents, text_embeddings, **keywords)
 
 
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """Return a DDIM sampler's descending timesteps: steps values from T - 1 down, then 0.
-
-    The sample is x at t = 0, as Stable Diffusion's DDIM (set_alpha_to_one=False) returns it; jumping to x0_hat
-    from the last step instead would return a posterior mean, smoother than a sample (measured in the toy world:
-    a residual of 0.017 to the nearest template instead of 0.044; the data's std is 0.05).
-    """
-    return [round((num_train_timesteps - 1) * (1 - k / steps)) for k in range(steps)] + [0]
-
-
 def ddim_sample(model, context: StepContext, x_T: torch.Tensor) -> torch.Tensor:
-    """Return the model's own deterministic DDIM sample (eta 0) of the prompt, CFG at the run's guidance scale."""
-    steps = ddim_timesteps(model.schedule.num_train_timesteps, context.config.ddim_steps)
+    """Return the model's own deterministic sample of the prompt from x_T, CFG at the run's guidance scale.
+
+    The moves are the model's diffusers scheduler's (schedule.sampler_steps: DDIMScheduler with the model's scheduler
+    config for SD 1.x / 2.x / SDXL, e.g. SD 2.1's 981, 961, ..., 1, 0; FlowMatchEulerDiscreteScheduler with its shift
+    for SD 3), so the result is the latents of the diffusers pipeline run from the same x_T, prompt, negative prompt,
+    guidance and steps (tests/test_fidelity.py). The toy world takes SD 1.x / 2.x's config values.
+    """
+    steps = model.schedule.sampler_steps(context.config.ddim_steps)
     return model.ddim_sample(x_T, steps, context.text_embeddings, context.config.guidance_scale)
 
 
@@ -183,7 +236,8 @@ METHODS = {m.name: m for m in (
            unet_rows="2B", loss="get_sds_loss"),
     Method(name="pds", title="Posterior Distillation Sampling", paper="Koo et al., CVPR 2024, eq. 9",
            gradient="z_tgt - z_src, z = (x_{t-1} - mu(x_t, x0_hat)) / std_t, shared noises", guidance_scale=7.5,
-           steps=200, weighting="uniform", unet_rows="4", loss="get_pds_loss", conditioning="pair", edits=True),
+           steps=200, weighting="uniform", unet_rows="4", loss="get_pds_loss", conditioning="pair", edits=True,
+           options={"pds_variant": "paper"}, negative_prompt=""),
     Method(name="vsd", title="Variational Score Distillation",
            paper="ProlificDreamer, Wang et al., NeurIPS 2023, eq. 9-10",
            gradient="w(t) (eps_cfg_s(x_t) - eps_phi(x_t; y)), eps_phi a LoRA trained on the particles",
@@ -192,18 +246,18 @@ METHODS = {m.name: m for m in (
     Method(name="nfsd", title="Noise-Free Score Distillation", paper="Katzir et al., ICLR 2024, eq. 6-7",
            gradient="w(t) (s (eps_c - eps_null) + delta_D), delta_D = eps_null (t < 200) or eps_null - eps_neg",
            guidance_scale=7.5, steps=500, weighting="dreamfusion", unet_rows="3B", loss="get_nfsd_loss",
-           extra_prompts=null_prompt),
+           extra_prompts=null_prompt, negative_prompt=NFSD_NEGATIVE_PROMPT),
     Method(name="csd", title="Classifier Score Distillation", paper="Yu et al., ICLR 2024, eq. 7",
            gradient="w(t) s (eps_c - eps_u)", guidance_scale=7.5, steps=500, weighting="dreamfusion", unet_rows="2B",
            loss="get_csd_loss"),
     Method(name="dds", title="Delta Denoising Score", paper="Hertz et al., ICCV 2023, eq. 5",
            gradient="w(t) (eps_cfg_s(z_t; y_tgt) - eps_cfg_s(zhat_t; y_src)), one eps and one t",
            guidance_scale=7.5, steps=200, weighting="uniform", unet_rows="4", loss="get_dds_loss",
-           conditioning="pair", edits=True, t_range=(0.05, 0.95)),
+           conditioning="pair", edits=True, t_range=(0.05, 0.95), negative_prompt=""),
     Method(name="bridge", title="SDS-Bridge", paper="McAllister et al., NeurIPS 2024 (2D)",
            gradient="w(t) s (eps(x_t; y + tgt_modifier) - eps(x_t; y + src_modifier)), after bridge_start of SDS",
            guidance_scale=40.0, steps=500, weighting="dreamfusion", unet_rows="2B", loss="get_bridge_loss",
-           step=bridge_step, extra_prompts=bridge_prompts,
+           step=bridge_step, extra_prompts=bridge_prompts, negative_prompt="",
            options={"bridge_start": 0.5, "bridge_src_modifier": BRIDGE_SRC_MODIFIER,
                     "bridge_tgt_modifier": BRIDGE_TGT_MODIFIER}),
     Method(name="asd", title="Asynchronous Score Distillation", paper="Ma et al., ECCV 2024",
@@ -215,19 +269,24 @@ METHODS = {m.name: m for m in (
            loss="get_ism_loss", t_schedule="anneal", extra_prompts=null_prompt,
            options={"inversion_steps": 5, "ism_delta_t": 80, "ism_delta_s": 200}),
     Method(name="sdi", title="Score Distillation via Inversion", paper="Lukoianov et al., NeurIPS 2024, eq. 9",
-           gradient="w(t) (eps_cfg_s(x_t) - kappa), x_t by DDIM inversion, kappa = (x_t - alpha_t x) / sigma_t",
-           guidance_scale=7.5, steps=500, weighting="sigma_over_alpha", unet_rows="B x inversion_steps + 2B",
+           gradient="w(t) (eps_cfg_s(x_t) - kappa), x_t by DDIM inversion (CFG at -6.5, noise eta 0.3 per step), "
+                    "kappa = (x_t - alpha_t x) / sigma_t",
+           guidance_scale=7.5, steps=500, weighting="sigma_over_alpha",
+           unet_rows="2B x inversion_steps + 2B (B x inversion_steps + 2B under the null prompt)",
            loss="get_sdi_loss", t_schedule="linear", extra_prompts=null_prompt,
-           options={"inversion_steps": 10, "sdi_eta": 0.0}),
+           options={"inversion_steps": 10, "sdi_eta": 0.0, "sdi_inversion_guidance": SDI_INVERSION_GUIDANCE,
+                    "sdi_inversion_eta": SDI_INVERSION_ETA}),
     # Baselines a comparison needs beside the losses: the model's own samples, and SDS started from the source.
     Method(name="ddim", title="DDIM sampling (the reference)", paper="Song et al., ICLR 2021, eq. 12 with eta = 0",
-           gradient="none: x_{t'} = alpha_{t'} x0_hat(x_t) + sigma_{t'} eps_cfg_s(x_t), from x_T ~ N(0, I)",
+           gradient="none: x_{t'} = alpha_{t'} x0_hat(x_t) + sigma_{t'} eps_cfg_s(x_t), from x_T ~ N(0, I), on the "
+                    "model's diffusers scheduler's timesteps (the pipeline's own sample)",
            guidance_scale=7.5, steps=50, weighting="uniform", unet_rows="2B per sampling step",
            options={"ddim_steps": 50}, sampler=ddim_sample),
     Method(name="sds_edit", title="SDS from the source (editing baseline)",
            paper="the baseline of the PDS and DDS papers",
            gradient="w(t) (eps_cfg_s(x_t; y_edit) - eps), x starting at the source", guidance_scale=7.5, steps=200,
-           weighting="uniform", unet_rows="2B", loss="get_sds_loss", conditioning="edit", edits=True),
+           weighting="uniform", unet_rows="2B", loss="get_sds_loss", conditioning="edit", edits=True,
+           negative_prompt=""),
 )}
 LOSS_TYPES = tuple(METHODS)
 

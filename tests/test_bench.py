@@ -172,7 +172,7 @@ def test_methods_mode_times_every_method_against_the_unet_calls_it_made(tiny_sd_
     assert set(methods) == {name for name, m in METHODS.items() if not m.lora and m.sampler is None}
     # rows per UNet call, as each loss's docstring states (t = 500: ISM inverts to s = 420 in 3 steps)
     expected_rows = {"sds": [2], "pds": [4], "sds_edit": [2], "nfsd": [3], "csd": [2], "dds": [4], "bridge": [2], "asd": [3],
-                     "ism": [1, 1, 1, 1, 2], "sdi": [1] * 10 + [2]}
+                     "ism": [1, 1, 1, 1, 2], "sdi": [2] * 11}  # SDI's inversion steps with CFG (the authors')
     for name, figure in methods.items():
         assert figure["unet_call_rows"] == expected_rows[name], name
         assert figure["unet_rows_per_step"] == sum(expected_rows[name])

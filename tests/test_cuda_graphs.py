@@ -1,7 +1,9 @@
-"""CUDA graphs: the choice is validated everywhere; on a CUDA machine, graphed losses equal eager ones step by step."""
+"""CUDA graphs: the choice is validated everywhere; the graphed LoRA step is the eager one (checked on a CPU with the
+capture replaced by eager calls); on a CUDA machine, graphed losses equal eager ones step by step."""
 import pytest
 import torch
 
+from guidance.cuda_graphs import WARMUP_CALLS, CudaGraphs, _Graph
 from guidance.sd import StableDiffusion, resolve_cuda_graphs
 from utils import UserError
 
@@ -45,6 +47,58 @@ def test_the_toy_refuses_cuda_graphs_on():
 
 def test_cpu_models_run_eagerly(tiny_sd):
     assert tiny_sd.graphs is None
+
+
+# ----------------------------------------------------------------------------------------- graph bookkeeping, CPU
+class EagerReplay(CudaGraphs):
+    """CudaGraphs with the capture replaced by eager calls: warm-up (with the training step's save and restore),
+    static input buffers and replays exactly as on a GPU, so that the graphed path is checked without CUDA."""
+
+    def _capture(self, fn, inputs, before_warmup=None, after_warmup=None):
+        if before_warmup:
+            before_warmup()
+        for _ in range(WARMUP_CALLS):
+            fn(*inputs)
+        if after_warmup:
+            after_warmup()
+        return _Graph(graph=fn, inputs=inputs, outputs=None)
+
+    @staticmethod
+    def _replay(entry, *values):
+        for buffer, value in zip(entry.inputs, values):
+            buffer.copy_(value)
+        return tuple(out.clone() for out in entry.graph(*entry.inputs))
+
+
+@pytest.mark.parametrize("mode", ["fresh", "shared"])
+def test_the_graphed_lora_step_is_the_eager_one(tiny_sd_dir, mode):
+    """The graphed path replays the model's own training step (core's _lora_step) with the same inputs, and undoes its
+    warm-up calls: a separate graphed loss (e.g. eps-MSE on a v model), other inputs, or warm-up steps left in the
+    LoRA (3 steps where there was 1) make the gradients and the LoRA differ."""
+    models = {}
+    for name, graphs in (("eager", None), ("graphed", EagerReplay())):
+        model = StableDiffusion(str(tiny_sd_dir), device="cpu", vsd_lora_timestep=mode, lora_lr=1e-2)
+        model.graphs = graphs
+        models[name] = model
+    gen = torch.Generator().manual_seed(0)
+    shape = models["eager"].latent_shape(2)
+    latents = torch.randn(shape, generator=gen)
+    steps = [(t, torch.randn(shape, generator=gen)) for t in (700, 300, 900)]
+    results = {}
+    for name, model in models.items():
+        embeddings = torch.cat([model.get_text_embeds(""), model.get_text_embeds("a red circle")])
+        torch.manual_seed(5)  # the LoRA's init and its fresh t and noise
+        grads = []
+        for t, noise in steps:
+            grads.append(_grad(lambda x: model.get_vsd_loss(x, embeddings, t=t, noise=noise), latents)[1])
+            grads.append(model.last_lora_loss.clone())
+        results[name] = grads, [p.detach().clone() for p in model.lora_parameters]
+    assert models["graphed"].graphs.n_graphs >= 1  # the training step went through the graph's path
+    (grads_e, lora_e), (grads_g, lora_g) = results["eager"], results["graphed"]
+    for e, g in zip(grads_e, grads_g):
+        assert torch.allclose(e, g, rtol=1e-6, atol=1e-7)
+    assert all(torch.allclose(e, g, rtol=1e-6, atol=1e-9) for e, g in zip(lora_e, lora_g))
+    assert max(p.abs().max().item() for p in lora_e) > 1e-3  # the LoRA trained (lora_B started at 0)
 
 
 # ----------------------------------------------------------------------------------------- on a CUDA GPU

@@ -317,7 +317,7 @@ def test_run_all_runs_every_method_on_every_family(folders, src_img, tmp_path, f
 def test_run_prompts_lists_what_a_run_encodes(tmp_path):
     base = ["--model", "toy", "--prompt", "a circle", "--save_dir", str(tmp_path)]
     args = main.parse_args(base + ["--loss_type", "bridge"])
-    assert run_prompts(args) == ["low quality", "a circle", "a circle" + args.bridge_src_modifier,
+    assert run_prompts(args) == ["", "a circle", "a circle" + args.bridge_src_modifier,  # the bridge's uncond: ""
                                  "a circle" + args.bridge_tgt_modifier]
     assert "" in run_prompts(main.parse_args(base + ["--loss_type", "nfsd"]))
 

@@ -151,8 +151,10 @@ def test_ism_gradient(sd64, reference, embeddings, null, t, expected_s, n_s):
 def test_sdi_gradient_is_x_minus_x0_hat_of_the_inverted_latent(sd64, reference, embeddings, null):
     schedule, unet = reference
     x = randn(*sd64.latent_shape())
+    # the deterministic null-prompt inversion (the authors' CFG inversion with noise: tests/test_fidelity.py)
     grad = grad_of(lambda v: sd64.get_sdi_loss(v, embeddings[0], guidance_scale=7.5, t=300, inversion_steps=4,
-                                               weighting="sigma_over_alpha"), x)
+                                               weighting="sigma_over_alpha", inversion_guidance=None,
+                                               inversion_eta=0.0), x)
     x_t = ddim_invert_reference(schedule, unet, x, null, 300, 4)
     a, s = alpha_sigma(schedule, 300)
     kappa = (x_t - a * x) / s
@@ -263,7 +265,8 @@ def test_ddim_inversion_then_sampling_reconstructs_in_the_toy_world():
     errors = {}
     for n in (2, 10, 50, 200):
         x_t = toy.ddim_invert(x, null, 600, n)
-        back = toy.ddim_sample(x_t, [round(k * 600 / n) for k in range(n, -1, -1)], null)
+        steps = [round(k * 600 / n) for k in range(n, -1, -1)]
+        back = toy.ddim_sample(x_t, list(zip(steps[:-1], steps[1:])), null)
         errors[n] = float((back - x).pow(2).mean().sqrt())
     print("toy DDIM invert+sample RMS error vs steps:", errors)
     # Measured 2026-12-02: 0.035, 0.028, 0.017, 0.007: the error of a first-order ODE solver, falling like 1 / n.
@@ -282,7 +285,7 @@ EXPECTED_CALLS = {  # (rows, timesteps) of each UNet call for one latent
     "bridge": lambda t: [(2, {t})],
     "asd": lambda t: [(3, {t, t + 10})],
     "ism": lambda t: [(1, {0}), (1, {140}), (1, {280}), (1, {420}), (2, {t})],  # t=500: s=420 in 3 steps, e_s, CFG
-    "sdi": lambda t: [(1, {0}), (1, {125}), (1, {250}), (1, {375}), (2, {t})],
+    "sdi": lambda t: [(2, {0}), (2, {125}), (2, {250}), (2, {375}), (2, {t})],  # CFG inversion (the authors')
 }
 
 
