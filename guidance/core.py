@@ -78,6 +78,7 @@ class DistillationCore:
         self.vsd_lora_timestep = vsd_lora_timestep
         self.lora_optimizer = None
         self.lora_parameters, self.lora_layers = [], []
+        self.lora_camera, self._lora_camera_rows = None, None  # VSD's camera embedding (lora_cameras), when 3D
         self.last_lora_loss = None
         # What the last loss call aimed at, for diagnostics: {"t", "x_t", "eps" (the guided prediction), "grad"}.
         self.last_guidance = None
@@ -301,6 +302,58 @@ class DistillationCore:
         if self.graphs is not None:
             self.graphs.clear()  # the UNet's modules changed
 
+    # ProlificDreamer's LoRA sees the camera: its 4x4 camera-to-world matrix, flattened, through a small MLP (the
+    # UNet's class embedding in their code) added to the denoiser's timestep embedding, only while the adapters run.
+    CAMERA_FEATURES = 16
+
+    def camera_embedding_target(self) -> tuple[torch.nn.Module, int] | None:
+        """Return (the module whose [B, D] output is the denoiser's timestep embedding, D), where the LoRA's camera
+        embedding is added; None for a denoiser without one."""
+        module = getattr(self.unet, "time_embedding", None)
+        width = getattr(getattr(module, "linear_2", module), "out_features", None)  # a diffusers UNet's, or the toys'
+        return (module, int(width)) if width is not None else None
+
+    @contextlib.contextmanager
+    def lora_cameras(self, cameras: torch.Tensor | None):
+        """Context in which the LoRA's passes are conditioned on cameras ([B, 16] flattened camera-to-world matrices,
+        one per latent row), as ProlificDreamer's eps_phi(x_t, t, y, c); without cameras, a no-op."""
+        if cameras is None:
+            yield
+            return
+        self._enable_lora_camera()
+        self._lora_camera_rows = cameras.to(self.device, torch.float32).reshape(cameras.shape[0], -1)
+        try:
+            yield
+        finally:
+            self._lora_camera_rows = None
+
+    def _enable_lora_camera(self) -> None:
+        """Add the camera embedding (zero output at first: the LoRA starts as it would without it) to the LoRA."""
+        if self.lora_camera is not None:
+            return
+        target = self.camera_embedding_target()
+        if target is None:
+            raise UserError(f"{self.model_name}'s denoiser has no timestep embedding to condition VSD's LoRA on the "
+                            f"camera")
+        module, width = target
+        self.lora_camera = torch.nn.Sequential(torch.nn.Linear(self.CAMERA_FEATURES, width), torch.nn.SiLU(),
+                                               torch.nn.Linear(width, width)).to(self.device)
+        torch.nn.init.zeros_(self.lora_camera[2].weight)
+        torch.nn.init.zeros_(self.lora_camera[2].bias)
+        self._lora_camera_hook = module.register_forward_hook(self._add_camera_embedding)
+        self.lora_optimizer.add_param_group({"params": list(self.lora_camera.parameters())})
+        self.lora_parameters = self.lora_parameters + list(self.lora_camera.parameters())
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    def _add_camera_embedding(self, module, inputs, output):
+        rows = self._lora_camera_rows
+        if rows is None or not self._adapters_on:
+            return output
+        if rows.shape[0] != output.shape[0]:
+            raise RuntimeError(f"{rows.shape[0]} cameras for a denoiser batch of {output.shape[0]}")
+        return output + self.lora_camera(rows).to(output.dtype)
+
     def _lora_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -335,6 +388,9 @@ class DistillationCore:
             del self.unet.peft_config  # else peft warns about a second adapter when the next one is added
         if self.lora_checkpointing:
             self.unet.disable_gradient_checkpointing()
+        if self.lora_camera is not None:
+            self._lora_camera_hook.remove()
+            self.lora_camera = None
         self.lora_parameters, self.lora_layers, self.lora_optimizer, self.last_lora_loss = [], [], None, None
         if self.graphs is not None:
             self.graphs.clear()
@@ -381,7 +437,8 @@ class DistillationCore:
     def lora_training_step(self, x0: torch.Tensor, t: int, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Return eps_phi(x_t, t, y), detached, after one AdamW step of the LoRA on lora_loss(x0, t, noise, cond)."""
         inputs = self._lora_inputs(x0, t, noise, cond)
-        if self.graphs is None or self.lora_checkpointing:  # a recomputing backward runs eagerly
+        # A recomputing backward, and a camera-conditioned LoRA (its cameras are not graph inputs), run eagerly.
+        if self.graphs is None or self.lora_checkpointing or self._lora_camera_rows is not None:
             eps_lora, self.last_lora_loss = self._lora_step(*inputs)
         else:
             eps_lora, self.last_lora_loss = self.graphs.train_step(("lora",), self._lora_step, inputs,

@@ -180,6 +180,11 @@ class StableDiffusion3(StableDiffusion):
         self.pooled_dim = self.text_encoder.config.projection_dim + self.text_encoder_2.config.projection_dim
         self.t5_width = self.unet.config.joint_attention_dim
 
+    def camera_embedding_target(self):
+        """Return (the transformer's timestep + pooled-text embedding, its width): where VSD's camera embedding goes."""
+        config = self.unet.config
+        return self.unet.time_text_embed, int(config.num_attention_heads * config.attention_head_dim)
+
     def _denoiser_downsampling(self) -> int:
         return self.unet.config.patch_size  # latents are cut into patch_size x patch_size tokens
 

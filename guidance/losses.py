@@ -125,14 +125,15 @@ class ScoreDistillation(DistillationCore):
 
     def get_vsd_loss(self, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float = 7.5,
                      grad_scale: float = 1, t: int | None = None, noise: torch.Tensor | None = None,
-                     weighting: str = "uniform") -> torch.Tensor:
+                     weighting: str = "uniform", cameras: torch.Tensor | None = None) -> torch.Tensor:
         """Return the VSD loss; its gradient w.r.t. latents is grad_scale * w(t) * (eps_cfg_s(x_t) - eps_phi(x_t, t, y)).
 
         ProlificDreamer (Wang et al., NeurIPS 2023), eq. 9: eps_phi is the same UNet with a LoRA (adapters disabled
         for the pretrained branch), conditioned on the prompt only. Each call then takes one AdamW step of the
         LoRA on the detached particles (eq. 10; lora_loss: the model's own training target, noise for epsilon
         models): at a fresh t ~ U[0, T) and fresh noise by default, or on this very x_t when
-        vsd_lora_timestep='shared' (one LoRA forward serves both).
+        vsd_lora_timestep='shared' (one LoRA forward serves both). cameras ([B, 16] camera-to-world matrices of a
+        3D generator's views) condition eps_phi on the camera, as ProlificDreamer's LoRA (lora_cameras).
         """
         self.enable_lora()
         t = self.sample_timestep(t)
@@ -142,13 +143,14 @@ class ScoreDistillation(DistillationCore):
             x_t = self._noised(latents, noise, t)
             with self.lora_disabled():
                 eps_pretrained = self.get_noise_preds(x_t, t, text_embeddings, guidance_scale)
-        if self.vsd_lora_timestep == "shared":
-            # one LoRA forward with autograd serves both (it recomputes this very x_t from x and noise)
-            eps_lora = self.lora_training_step(latents.detach().to(noise.dtype), t, cond, noise)
-        else:
-            with torch.no_grad():
-                eps_lora = self.predict_eps(x_t, t, cond)
-            self.train_lora(latents.detach().to(noise.dtype), cond)
+        with self.lora_cameras(cameras):
+            if self.vsd_lora_timestep == "shared":
+                # one LoRA forward with autograd serves both (it recomputes this very x_t from x and noise)
+                eps_lora = self.lora_training_step(latents.detach().to(noise.dtype), t, cond, noise)
+            else:
+                with torch.no_grad():
+                    eps_lora = self.predict_eps(x_t, t, cond)
+                self.train_lora(latents.detach().to(noise.dtype), cond)
         grad = grad_scale * self.schedule.weight(t, weighting) * (eps_pretrained - eps_lora)
         return self._record(latents, grad, t, x_t, eps_pretrained)
 

@@ -109,6 +109,7 @@ class StepContext:
     extra: dict = field(default_factory=dict)  # per-method embeddings, e.g. the bridge's modified prompts
     view_prompts: object = None  # guidance.views.ViewPrompts of a 3D run: the cond rows follow the cameras
     perp_neg: bool = False  # the cameras' other views as Perp-Neg negatives (guidance/views.py)
+    cameras: torch.Tensor | None = None  # this step's cameras, [B, 16] flattened camera-to-world (3D runs)
 
     def embeds(self, prompt: str) -> torch.Tensor:
         """Return the model's (cached) embedding of one prompt."""
@@ -120,13 +121,15 @@ class StepContext:
         if self.view_prompts is None or view is None:
             return self
         uncond = self.text_embeddings[:1]
+        cameras = torch.stack([camera.c2w().flatten() for camera in view]).float()
         if self.perp_neg:
             from guidance.views import PerpNegEmbeddings
 
             rows, weights = self.view_prompts.perp_neg_rows(self.model, view, uncond)
-            return replace(self, text_embeddings=PerpNegEmbeddings(rows, weights))
+            return replace(self, text_embeddings=PerpNegEmbeddings(rows, weights), cameras=cameras)
         cond = self.view_prompts.embeddings(self.model, view)
-        return replace(self, text_embeddings=torch.cat([uncond.expand(len(view), *uncond.shape[1:]), cond]))
+        return replace(self, text_embeddings=torch.cat([uncond.expand(len(view), *uncond.shape[1:]), cond]),
+                       cameras=cameras)
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,8 @@ def call_loss(method: Method, model, context: StepContext, latents: torch.Tensor
     for dest in method.options:
         if OPTION_FLAGS[dest].keyword is not None:
             keywords[OPTION_FLAGS[dest].keyword] = getattr(config, dest)
+    if method.lora and context.cameras is not None:  # VSD's LoRA sees the camera (ProlificDreamer)
+        keywords["cameras"] = context.cameras
     loss_fn = getattr(model, loss or method.loss)
     if method.conditioning == "pair":
         return loss_fn(context.src_latents, latents, context.text_embeddings, context.edit_embeddings, **keywords)
@@ -289,6 +294,40 @@ METHODS = {m.name: m for m in (
            negative_prompt=""),
 )}
 LOSS_TYPES = tuple(METHODS)
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+# A task of a comparison (run_all.py --tasks) is a method, or a method with some of its own options set:
+# "pds+pds_variant=official", "sdi+sdi_inversion_guidance=null+sdi_inversion_eta=0". Its runs go to OUT/<task>/.
+def parse_task(task: str) -> tuple[Method, dict]:
+    """Return (the task's method, {option: value}) for "METHOD" or "METHOD+OPTION=VALUE+...", or raise ValueError
+    naming what is wrong (an unknown method, an option the method does not own, a value the option refuses)."""
+    name, *settings = task.split("+")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in task {task!r}: use one of {', '.join(METHODS)}")
+    method, options = METHODS[name], {}
+    for setting in settings:
+        option, equals, text = setting.partition("=")
+        if not equals or option not in method.options:
+            owned = ", ".join(method.options) or "none"
+            raise ValueError(f"task {task!r}: {setting!r} is not OPTION=VALUE with an option of {name} ({owned})")
+        try:
+            options[option] = OPTION_FLAGS[option].kind(text)
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise ValueError(f"task {task!r}: {option}={text!r}: {err}") from None
+    return method, options
+
+
+def task_method(task: str) -> Method:
+    """Return the method of a task ("pds" or "pds+pds_variant=official")."""
+    return parse_task(task)[0]
+
+
+def task_order(task: str) -> tuple:
+    """Return a task's place in a comparison: the reference sampler, generation (LoRA methods last), edits; a
+    method's variants after it."""
+    method = task_method(task)
+    return (method.edits, method.name != "ddim", method.lora, list(METHODS).index(method.name), task)
 
 
 def method_help() -> str:

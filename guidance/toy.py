@@ -219,6 +219,18 @@ class ExactMixtureEps(nn.Module):
         return eps.to(x_t.dtype).view_as(x_t)
 
 
+class TimeEmbedding(nn.Module):
+    """The identity on the time basis f_j(t): the toy UNet's 'timestep embedding', where VSD's LoRA adds its camera
+    embedding (guidance/core.py: lora_cameras) as a diffusers UNet's time_embedding takes it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.out_features = int(width)
+
+    def forward(self, basis: torch.Tensor) -> torch.Tensor:
+        return basis
+
+
 class ToyUNet(nn.Module):
     """The toy world's UNet: the exact predictor eps* plus a residual that is zero until VSD's LoRA trains it.
 
@@ -239,6 +251,7 @@ class ToyUNet(nn.Module):
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
         self.register_buffer("basis_centres", torch.linspace(0, 1, n_basis, dtype=torch.float64))
+        self.time_embedding = TimeEmbedding(n_basis)
 
     def time_basis(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Return the [B, n_basis] weights f_j(t): Gaussian bumps over t / T, one basis spacing wide."""
@@ -251,7 +264,7 @@ class ToyUNet(nn.Module):
         eps = self.exact(sample, timesteps, encoder_hidden_states)
         features = torch.cat([sample, eps, torch.ones_like(sample[:, :1])], dim=1)
         maps = self.residual(features).view(sample.shape[0], self.n_basis, 3, *sample.shape[2:])
-        basis = self.time_basis(timesteps).to(sample.dtype)[:, :, None, None, None]
+        basis = self.time_embedding(self.time_basis(timesteps)).to(sample.dtype)[:, :, None, None, None]
         eps = eps + (basis * maps).sum(1)
         return SimpleNamespace(sample=eps) if return_dict else (eps,)
 
