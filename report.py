@@ -21,15 +21,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guidance.methods import METHODS
+from guidance.methods import METHODS, parse_task, task_method, task_order
 from guidance.models import world
 from guidance.runfolder import RunFolder
 from utils import CliParser, UserError, prompt_for_stem, run_cli
 
 # Every method of the table, in the comparison's order: the reference sampler, generation (LoRA last), edits.
-TASKS = tuple(sorted(METHODS, key=lambda t: (METHODS[t].edits, t != "ddim", METHODS[t].lora, list(METHODS).index(t))))
-TASK_TITLES = {name: f"{name.upper()}: {m.title} ({'editing' if m.edits else 'generation'})"
-               for name, m in METHODS.items()}
+TASKS = tuple(sorted(METHODS, key=task_order))
 COMPARISON = "comparison.json"
 MAX_CHART_TASKS = 6  # the title page's bar chart beside its table; with more tasks the comparison page says it all
 THRESHOLDS = (0.26, 0.28)  # the course's grades: >= 0.28 full points, >= 0.26 half, below 0.26 none
@@ -151,7 +149,8 @@ def collect(out_dir: str | Path) -> Report:
     manifest = _read_json(out / MANIFEST) or {}
     listed = manifest.get("tasks", {})
     results = []
-    for task in [t for t in TASKS if t in listed or (out / t).is_dir()]:
+    folders = [d.name for d in sorted(out.iterdir()) if d.is_dir()] if out.is_dir() else []
+    for task in sorted({t for t in [*listed, *folders] if _is_task(t)}, key=task_order):
         entry = listed.get(task)
         if entry:
             runs = [Run(task, it["name"], it["prompt"], it.get("edit_prompt"), it.get("seed"), out / it["folder"])
@@ -208,8 +207,23 @@ def _attach_scores(result: TaskResult, out: Path, eval_errors: dict) -> None:
         result.seed_scores[runs[0].seed] = float(score) if isinstance(score, (int, float)) else None
 
 
+def _is_task(name: str) -> bool:
+    """Return whether a folder or manifest name is a task: a method, or a method with its options (run_all.py)."""
+    try:
+        parse_task(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _edits(task: str) -> bool:
-    return task in METHODS and METHODS[task].edits
+    return _is_task(task) and task_method(task).edits
+
+
+def task_title(task: str) -> str:
+    """Return a task's page title: its name, the method's title, editing or generation."""
+    method = task_method(task)
+    return f"{task.upper()}: {method.title} ({'editing' if method.edits else 'generation'})"
 
 
 def _read_list(path: Path) -> list | None:
@@ -525,7 +539,7 @@ def grid_pages(result: TaskResult, several_seeds: bool):
     runs = sorted(result.runs, key=lambda r: (r.prompt.lower(), r.seed if r.seed is not None else -1))
     pages = max(1, math.ceil(len(runs) / per_page))
     for p in range(pages):
-        page = Page(TASK_TITLES.get(result.task, result.task), _task_subtitle(result, p, pages))
+        page = Page(task_title(result.task), _task_subtitle(result, p, pages))
         if not runs:
             page.text(MARGIN, 1.2, "No runs for this task.", color="#aa0000")
         for i, run in enumerate(runs[p * per_page:(p + 1) * per_page]):
@@ -550,7 +564,7 @@ def pair_pages(result: TaskResult, several_seeds: bool):
     runs = sorted(result.runs, key=lambda r: (r.prompt.lower(), r.seed if r.seed is not None else -1))
     pages = max(1, math.ceil(len(runs) / per_page))
     for p in range(pages):
-        page = Page(TASK_TITLES[result.task], _task_subtitle(result, p, pages))
+        page = Page(task_title(result.task), _task_subtitle(result, p, pages))
         if not runs:
             page.text(MARGIN, 1.2, "No runs for this task.", color="#aa0000")
         for i, run in enumerate(runs[p * per_page:(p + 1) * per_page]):

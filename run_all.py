@@ -26,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from guidance.config import RunConfig
-from guidance.methods import METHODS, OPTION_FLAGS
+from guidance.methods import METHODS, OPTION_FLAGS, parse_task, task_method, task_order
 from guidance.models import world
 from guidance.runfolder import RunFolder, as_json
 from utils import (CliParser, UserError, add_config_arguments, config_from_args, prompt_to_filename, run_cli,
@@ -37,7 +37,12 @@ REPO = Path(__file__).resolve().parent
 # (VSD) last, since a LoRA is only removed, never undone.
 TASKS = tuple(sorted(METHODS, key=lambda name: (METHODS[name].lora, name not in ("sds", "pds"))))
 COURSE_TASKS = ("sds", "pds", "vsd")
-EVAL_TASK = {name: "edit" if m.edits else "gen" for name, m in METHODS.items()}
+def eval_task(task: str) -> str:
+    """Return eval.py's --task for a run_all task: edit for editing methods, else gen."""
+    return "edit" if task_method(task).edits else "gen"
+
+
+
 DEFAULT_PROMPTS = REPO / "data" / "prompt_img_pairs.json"
 MANIFEST = "run_all.json"
 # main.py flags that run_all sets per run, and the run_all flag to use instead.
@@ -63,7 +68,7 @@ class Item:
 
     @property
     def name(self) -> str:
-        if METHODS[self.task].edits:
+        if task_method(self.task).edits:
             return prompt_to_filename(self.edit_prompt) if self.edit_prompt else self.key
         return prompt_to_filename(self.prompt)
 
@@ -93,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other main.py flag (python main.py --help) passes through to each run, e.g. --model, --step, "
                "--guidance_scale (default per task: sds 25/500 steps, pds 7.5/200, vsd 7.5/500), --lr, --log_step, "
                "--device, --precision, --gif. Several processes: accelerate launch --num_processes N run_all.py ...")
-    p.add_argument("--tasks", nargs="+", default=list(COURSE_TASKS), choices=TASKS, metavar="TASK",
-                   help=f"methods to run (default: the course's {' '.join(COURSE_TASKS)}); any of {' '.join(TASKS)}")
+    p.add_argument("--tasks", nargs="+", default=list(COURSE_TASKS), metavar="TASK",
+                   help=f"methods to run (default: the course's {' '.join(COURSE_TASKS)}); any of {' '.join(TASKS)}, "
+                        f"or a method with its own options set, as METHOD+OPTION=VALUE (e.g. pds+pds_variant=official, "
+                        f"sdi+sdi_inversion_guidance=null+sdi_inversion_eta=0): a comparison can hold both variants")
     p.add_argument("--prompts", default=None,
                    help="course-schema prompts json {key: {prompt, edit_prompt, img_path}} (default "
                         "data/prompt_img_pairs.json; data/toy_prompts.json with --model toy)")
@@ -126,13 +133,19 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RunConfig]:
         if getattr(ours, dest) is not None:
             raise UserError(f"--{dest} is set by run_all for each run: use {instead} instead")
     base = config_from_args(ours, RunConfig)
-    ours.tasks = [t for t in TASKS if t in ours.tasks]
+    for task in ours.tasks:
+        try:
+            parse_task(task)
+        except ValueError as err:
+            raise UserError(f"--tasks: {err}") from None
+    ours.tasks = sorted(dict.fromkeys(ours.tasks), key=lambda t: (task_method(t).lora, t.split("+")[0] not in
+                                                                  ("sds", "pds"), task_order(t)))
     ours.seeds = list(dict.fromkeys(ours.seeds))
     found = world(base.model)
     if ours.prompts is None:
         ours.prompts = str(found.prompts_file if found is not None else DEFAULT_PROMPTS)
     for dest in OPTION_FLAGS:  # a method's own flag applies to that method's runs; one no task uses is a mistake
-        if getattr(base, dest) is not None and not any(dest in METHODS[t].options for t in ours.tasks):
+        if getattr(base, dest) is not None and not any(dest in task_method(t).options for t in ours.tasks):
             owners = " / ".join(name for name, m in METHODS.items() if dest in m.options)
             raise UserError(f"--{dest} belongs to {owners}, which --tasks does not include: drop it or add the task")
     # Check the flags that all runs share now (e.g. --step 0), with a stand-in run of a generation task (a prompt the
@@ -143,8 +156,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RunConfig]:
 
 
 def _own_options(base: RunConfig, task: str) -> RunConfig:
-    """Return a copy of the shared configuration without the method options that `task` does not own."""
-    return base.replace(**{dest: None for dest in OPTION_FLAGS if dest not in METHODS[task].options})
+    """Return a copy of the shared configuration without the method options that `task` does not own, and with the
+    options the task sets (METHOD+OPTION=VALUE)."""
+    method, options = parse_task(task)
+    return base.replace(**{dest: None for dest in OPTION_FLAGS if dest not in method.options}, **options)
 
 
 def load_prompts(path: str) -> dict:
@@ -180,7 +195,7 @@ def build_items(ours: argparse.Namespace, prompts: dict) -> list[Item]:
     for task in ours.tasks:
         for seed in ours.seeds:
             for key, entry in prompts.items():
-                edits = METHODS[task].edits
+                edits = task_method(task).edits
                 edit = entry.get("edit_prompt") if edits else None
                 src = entry.get("img_path") if edits else None
                 item = Item(task, key, seed, entry["prompt"], edit if isinstance(edit, str) else None,
@@ -202,12 +217,13 @@ def build_items(ours: argparse.Namespace, prompts: dict) -> list[Item]:
 
 def item_args(item: Item, base: RunConfig) -> RunConfig:
     """Return the resolved run configuration of one item (UserError names what is wrong with this entry)."""
-    if METHODS[item.task].edits and (item.edit_prompt is None or item.src_img_path is None):
+    if task_method(item.task).edits and (item.edit_prompt is None or item.src_img_path is None):
         missing = "edit_prompt" if item.edit_prompt is None else "img_path"
         raise UserError(f"prompts entry {item.key!r} has no {missing}, which {item.task.upper()} needs")
     return _own_options(base, item.task).replace(
-        prompt=item.prompt, edit_prompt=item.edit_prompt, src_img_path=item.src_img_path, loss_type=item.task,
-        seed=item.seed, save_dir=str(item.save_dir), overwrite=True).resolved()  # run_all decides what to redo
+        prompt=item.prompt, edit_prompt=item.edit_prompt, src_img_path=item.src_img_path,
+        loss_type=task_method(item.task).name, seed=item.seed, save_dir=str(item.save_dir),
+        overwrite=True).resolved()  # run_all decides what to redo
 
 
 def completion(item: Item, args: RunConfig) -> tuple[bool, str]:
@@ -340,9 +356,9 @@ def evaluate(ours: argparse.Namespace, base: RunConfig, items: list[Item], chang
         folders.setdefault(item.save_dir, (item.task, []))[1].append(item.image_path.name)
     scorer, results, evaluated = None, {}, False
     edit_metrics = edit_metrics_available(ours, base, device) if any(
-        EVAL_TASK[task] == "edit" for task, _ in folders.values()) else []
+        eval_task(task) == "edit" for task, _ in folders.values()) else []
     for folder, (task, names) in folders.items():
-        metrics = tuple(edit_metrics) if EVAL_TASK[task] == "edit" else ()
+        metrics = tuple(edit_metrics) if eval_task(task) == "edit" else ()
         if not any((folder / n).is_file() for n in names):
             results[folder] = f"no images to score in {folder}"
             continue
@@ -355,7 +371,7 @@ def evaluate(ours: argparse.Namespace, base: RunConfig, items: list[Item], chang
                 scorer = evaluation.make_scorer(kind, device=device, clip_pretrained=ours.clip_pretrained)
             # A scorer without image and text embeddings (the toy's) cannot give CLIP directions.
             metrics = tuple(m for m in metrics if m != "clip_direction" or hasattr(scorer, "direction"))
-            result = evaluation.evaluate_dir(folder, scorer=scorer, prompts_file=ours.prompts, task=EVAL_TASK[task],
+            result = evaluation.evaluate_dir(folder, scorer=scorer, prompts_file=ours.prompts, task=eval_task(task),
                                              allow_missing=True, metrics=("clip",) + metrics, device=device,
                                              lpips_weights=ours.lpips_weights)
             evaluated = True
@@ -391,8 +407,8 @@ def task_comparison(task: str, task_items: list[Item], toy_world: type | None = 
 
     from utils import load_image
 
-    method = METHODS[task]
-    row = {"task": task, "title": method.title, "edits": method.edits, "images": 0}
+    method, options = parse_task(task)
+    row = {"task": task, "title": method.title + "".join(f", {k} {v}" for k, v in options.items()), "edits": method.edits, "images": 0}
     scores, per_step, rows_per_step, max_abs, metrics = [], [], [], [], {k: [] for k in EDIT_METRICS}
     toy_rows, templates_by_prompt, patches = [], {}, []
     evals = {}
@@ -446,10 +462,9 @@ def write_comparison(out: Path, base: RunConfig, items: list[Item], tasks: list[
     """Write OUT/comparison.json, a row per task (task_comparison), for every task of the manifest; return its path."""
     manifest = _read_json(out / MANIFEST) or {}
     rows = []
-    order = list(METHODS)
-    listed = [t for t in TASKS if t in manifest.get("tasks", {}) or t in tasks]
+    listed = list(dict.fromkeys([*manifest.get("tasks", {}), *tasks]))
     # The reference sampler first, then generation (LoRA methods last), then edits: the table people read.
-    for task in sorted(listed, key=lambda t: (METHODS[t].edits, t != "ddim", METHODS[t].lora, order.index(t))):
+    for task in sorted(listed, key=task_order):
         task_items = [it for it in items if it.task == task]
         if not task_items:  # a task of an earlier batch: rebuild its items from the manifest
             task_items = [Item(task, e["key"], e["seed"], e["prompt"], e.get("edit_prompt"), e.get("src_img_path"),

@@ -119,9 +119,10 @@ def test_batch_loads_once_survives_a_bad_prompt_and_resumes(tiny_sd_dir, tmp_pat
         assert scores["score"] == pytest.approx(np.mean([scores[str(out / task / f"{n}.png")] for n in names]))
     assert (out / "pds" / "a_dog" / "source.png").is_file()
     assert (out / "report.pdf").read_bytes().startswith(b"%PDF")
-    # One model for all 8 runs; each distinct text (negative prompt, 3 prompts, 2 edit prompts) encoded once.
+    # One model for all 8 runs; each distinct text (SDS's and VSD's negative prompt, PDS's "", 3 prompts, 2 edit
+    # prompts) encoded once.
     assert counter.loads == 1
-    assert counter.encoded == 6
+    assert counter.encoded == 7
     assert scorers == [("clip", "none")]  # one scorer for the three tasks; --clip_pretrained passed through
     log = read_log(out)
     assert sorted((r["task"], r["name"], r["status"]) for r in log if r["status"] != "finished") == \
@@ -333,3 +334,21 @@ def test_toy_world_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert run_all.main(argv) == 0
     assert "Nothing to do: all 15 runs are finished" in capsys.readouterr().out
+
+
+def test_a_comparison_can_hold_two_variants_of_a_method(tmp_path):
+    """--tasks pds pds+pds_variant=official: both variants run into their own folders, with their own settings, and
+    both are rows of the comparison (a task spec that names another method's option is refused)."""
+    out = tmp_path / "out"
+    argv = ["--model", "toy", "--tasks", "pds", "pds+pds_variant=official", "--step", "20", "--log_step", "0",
+            "--out", str(out), "--no_report", "--lpips_weights", "none"]
+    assert run_all.main(argv) == 0
+    rows = {r["task"]: r for r in json.loads((out / "comparison.json").read_text())}
+    assert set(rows) == {"pds", "pds+pds_variant=official"} and rows["pds+pds_variant=official"]["images"] == 5
+    for task, variant in (("pds", "paper"), ("pds+pds_variant=official", "official")):
+        records = [json.loads(p.read_text()) for p in (out / task).glob("*/run_config.json")]
+        assert len(records) == 5 and {r["pds_variant"] for r in records} == {variant}
+    with pytest.raises(UserError, match="asd_ratio"):
+        run_all.parse_args(["--tasks", "pds+asd_ratio=0.2", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="not one of paper, official"):
+        run_all.parse_args(["--tasks", "pds+pds_variant=mine", "--out", str(tmp_path)])
