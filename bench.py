@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the full benchmark, time each method's step (loss, backward, AdamW) against its own "
                         "UNet work: the very UNet calls the step made (rows and timesteps recorded), replayed bare under "
                         "no_grad; no names: every method of guidance/methods.py but VSD (which the full run covers)")
+    p.add_argument("--nerf", nargs="*", type=int, default=None, metavar="SIZE",
+                   help="instead of the full benchmark, the NeRF generator's render, render + backward and render + VAE "
+                        "encode + backward (and --latent_render's) per view against the batch-2 UNet floor, with their "
+                        "peak memory, at these render sizes (default 64 128); benchmarks/nerf.py")
+    p.add_argument("--mesh", nargs="*", type=int, default=None, metavar="SIZE",
+                   help="instead of the full benchmark, the mesh renderer: rasterising a view (new and cached), texture "
+                        "sampling + backward, for 10k- and 100k-face meshes at these sizes (default 512 1024), with "
+                        "peak memory (no model needed); benchmarks/mesh.py")
     p.add_argument("--generators", nargs="*", default=None, metavar="GENERATOR",
                    help="instead of the full benchmark, time each generator's render, its render + VAE encode + "
                         "backward, and its whole SDS step against the batch-2 floor, and (CPU) the peak memory of a "
@@ -130,7 +138,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model not in RANDOM_MODELS + tuple(worlds()) and not Path(args.model).expanduser().is_dir():
         raise UserError(f"unknown model {args.model!r}: use one of {', '.join(RANDOM_MODELS)}, a toy world "
                         f"({', '.join(worlds())}), or a diffusers folder")
-    modes = [flag for flag in ("variants", "methods", "generators") if getattr(args, flag) is not None]
+    modes = [flag for flag in ("variants", "methods", "generators", "nerf", "mesh") if getattr(args, flag) is not None]
+    if len(modes) > 1:
+        raise UserError(f"--{' and --'.join(modes)} are separate runs: give one of them")
+    for flag, default in (("nerf", [64, 128]), ("mesh", [512, 1024])):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, getattr(args, flag) or default)
+            if any(not 8 <= size <= 4096 for size in getattr(args, flag)):
+                raise UserError(f"--{flag} {' '.join(map(str, getattr(args, flag)))}: sizes between 8 and 4096")
     if args.memory and (modes or args.no_memory or world(args.model) is not None):
         raise UserError(f"--memory is a run of its own: drop {', '.join('--' + m for m in modes) or '--no_memory'}"
                         if modes or args.no_memory else f"--memory measures Stable Diffusion models, not the "
@@ -140,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Run the benchmark; print the table (and with --json one JSON object on stdout). Return the exit code."""
-    from benchmarks import full, generators, memory, methods, variants
+    from benchmarks import full, generators, memory, mesh, methods, nerf, variants
 
     args = parse_args(argv)
     if args.memory:
@@ -149,6 +164,11 @@ def main(argv=None) -> int:
         mode = (variants.run_variants, variants.format_variants)
     elif args.methods is not None:
         mode = (methods.run_methods, methods.format_methods)
+    elif args.nerf is not None:
+        mode = (run_nerf, nerf.format)
+    elif args.mesh is not None:
+        mode = (lambda args: mesh.run(str(args.device), args.mesh, threads=args.threads or 2,
+                                      repeats=max(1, args.steps)), mesh.format)
     elif args.generators is not None:
         mode = (generators.run_generators, generators.format_generators)
     else:
@@ -161,6 +181,16 @@ def main(argv=None) -> int:
     else:
         print(table)
     return 0
+
+
+def run_nerf(args) -> dict:
+    """Return benchmarks/nerf.py's figures for the bench's model (random weights of its architecture, or a folder)."""
+    from benchmarks import nerf
+    from benchmarks.common import load, model_source
+
+    model = load(model_source(args.model, args.cache_dir), args)
+    return nerf.run(model, args.device, tuple(args.nerf), threads=args.threads or 2, rounds=args.steps,
+                    warmup=args.warmup)
 
 
 if __name__ == "__main__":

@@ -214,3 +214,25 @@ def test_memory_mode_gives_each_part_and_each_step_of_a_family(tmp_path):
 def test_memory_mode_is_a_run_of_its_own(flags):
     with pytest.raises(UserError, match="--memory is a run of its own"):
         bench.parse_args(["--model", "tiny", "--device", "cpu", *flags])
+
+
+def test_nerf_and_mesh_modes_report_each_figure(tiny_sd_dir):
+    """bench.py --nerf: the NeRF's render, backward and VAE encode per view with the floor they are set against;
+    --mesh: the rasteriser per mesh size and the texture's backward (times only checked to be measured)."""
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert bench.main(["--model", str(tiny_sd_dir), "--device", "cpu", "--nerf", "16", "--steps", "1",
+                           "--warmup", "0", "--threads", "1", "--json"]) == 0
+    nerf = json.loads(out.getvalue())
+    assert nerf["floor"]["s"] > 0 and set(nerf["sizes"]["16"]) == {"render", "render_backward", "encode_backward"}
+    assert all(v["s"] > 0 for v in nerf["sizes"]["16"].values()) and nerf["latent_render"]["s"] > 0
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert bench.main(["--device", "cpu", "--mesh", "32", "--steps", "1", "--threads", "1", "--json"]) == 0
+    mesh = json.loads(out.getvalue())
+    assert {row["faces"] for row in mesh["rows"]} == {9800, 99224} and all(row["size"] == 32 for row in mesh["rows"])
+    with pytest.raises(UserError, match="separate runs"):
+        bench.parse_args(["--nerf", "--mesh"])
