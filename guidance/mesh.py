@@ -611,10 +611,10 @@ class MeshGenerator(Generator):
         return paths
 
     def write_turntable(self, folder: Path, texture: torch.Tensor | None = None) -> list[Path]:
-        """Write RGBA frames, transforms.json (poses in the exported meshes' coordinates) and turntable.gif of the
-        turntable cameras (guidance/cameras.py's) into folder; return their paths."""
+        """Write RGBA frames and transforms.json (poses in the exported meshes' coordinates) of the turntable cameras
+        (guidance/cameras.py's) into folder, and turntable.gif beside it (where the NeRF writes its); return the paths."""
         cameras = turntable(self.turntable_frames)
-        size = self.render_size
+        size = max(self.render_size, 128)  # a rasteriser's frame costs little: show the texture at a useful size
         names = [f"frame_{k:03d}.png" for k in range(len(cameras))]
         paths, frames = [], []
         for camera, file_name in zip(cameras, names):
@@ -632,8 +632,8 @@ class MeshGenerator(Generator):
         atomic_write_bytes(folder / "transforms.json", (json.dumps(data, indent=2) + "\n").encode())
         gif = io.BytesIO()
         frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
-        atomic_write_bytes(folder / "turntable.gif", gif.getvalue())
-        return paths + [folder / "transforms.json", folder / "turntable.gif"]
+        atomic_write_bytes(folder.parent / "turntable.gif", gif.getvalue())
+        return paths + [folder / "transforms.json", folder.parent / "turntable.gif"]
 
 
 def _png_bytes(image: Image.Image) -> bytes:

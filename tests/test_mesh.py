@@ -235,7 +235,7 @@ def test_glb_and_obj_round_trip_in_the_users_coordinates(tmp_path, toy):
     written = gen.save(out, "thing")
     assert {p.relative_to(out).as_posix() for p in written} >= {"thing.glb", "thing.obj", "thing.mtl",
                                                                 "thing/texture.png", "thing/turntable/transforms.json",
-                                                                "thing/turntable/turntable.gif"}
+                                                                "thing/turntable.gif"}
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     painted = (gen.texture_image().detach() * 255).round().byte().permute(1, 2, 0).numpy()
     texture_png = np.asarray(Image.open(out / "thing" / "texture.png"))
