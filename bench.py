@@ -186,10 +186,9 @@ def main(argv=None) -> int:
 def run_nerf(args) -> dict:
     """Return benchmarks/nerf.py's figures for the bench's model (random weights of its architecture, or a folder)."""
     from benchmarks import nerf
-    from benchmarks.common import load, model_source
+    from benchmarks.common import load_for_mode
 
-    model = load(model_source(args.model, args.cache_dir), args)
-    return nerf.run(model, args.device, tuple(args.nerf), threads=args.threads or 2, rounds=args.steps,
+    return nerf.run(load_for_mode(args), args.device, tuple(args.nerf), threads=args.threads or 2, rounds=args.steps,
                     warmup=args.warmup)
 
 

@@ -64,6 +64,17 @@ def load(source: str, args: argparse.Namespace):
                       channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs, **optional)
 
 
+def load_for_mode(args: argparse.Namespace):
+    """Return the model of a single-purpose mode: --threads set, the bench model built (once) and loaded."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = model_source(args.model, args.cache_dir)
+    log(f"loading {source} ({args.device}, {args.precision})")
+    return load(source, args)
+
+
 def sync(device) -> None:
     """Wait for the device to finish its queued work (CUDA; nothing on a CPU)."""
     import torch

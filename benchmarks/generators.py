@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import PROMPT, REPO, device_name, load, log, make_steps, model_source, time_rounds
+from benchmarks.common import PROMPT, REPO, device_name, load_for_mode, make_steps, time_rounds
 
 
 def run_generators(args: argparse.Namespace) -> dict:
@@ -25,11 +25,7 @@ def run_generators(args: argparse.Namespace) -> dict:
     from guidance.loop import LOSS_SCALE
 
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    source = model_source(args.model, args.cache_dir)
-    log(f"loading {source} ({args.device}, {args.precision})")
-    model = load(source, args)
+    model = load_for_mode(args)
     embeddings = torch.cat([model.get_text_embeds("low quality"), model.get_text_embeds(PROMPT)])
     timed_fns, memory = {"floor_b2": make_steps(model, model)["floor_b2"]}, {}
     for name in args.generators:

@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import EDIT_PROMPT, PROMPT, load, log, model_source, short_run_result, time_rounds
+from benchmarks.common import EDIT_PROMPT, PROMPT, load_for_mode, short_run_result, time_rounds
 
 
 METHOD_T = 500  # every method's step is timed at this t: ISM then inverts to s = 420 in 3 steps, SDI to 500 in 10
@@ -76,14 +76,8 @@ def source_image() -> str:
 
 def run_methods(args: argparse.Namespace) -> dict:
     """Return {'methods': name -> figures}: each method's step time, its UNet work's time, their ratio and its UNet rows."""
-    import torch
-
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    source = model_source(args.model, args.cache_dir)
-    log(f"loading {source} ({args.device}, {args.precision})")
-    model = load(source, args)
+    model = load_for_mode(args)
     steps, works, calls = make_method_steps(model, args.methods)
     interleaved = {}
     for name in args.methods:

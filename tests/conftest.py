@@ -62,3 +62,23 @@ def embeddings(sd64):
     uncond = sd64.get_text_embeds("low quality")
     return (torch.cat([uncond, sd64.get_text_embeds("a castle next to a river")]),
             torch.cat([uncond, sd64.get_text_embeds("a golden castle next to a river")]))
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """Return get(family) -> (our float64 model, the diffusers pipeline in float64), each loaded once, from the
+    test module's own `folders` fixture (tests/test_families.py, tests/test_fidelity.py)."""
+    from diffusers import DiffusionPipeline
+
+    from guidance.sd import StableDiffusion
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            ours = StableDiffusion(str(folders[family]), device="cpu", precision=torch.float64)
+            pipe = DiffusionPipeline.from_pretrained(str(folders[family]), local_files_only=True).to(torch.float64)
+            cache[family] = ours, pipe
+        return cache[family]
+
+    return get

@@ -40,23 +40,6 @@ def folders(tmp_path_factory) -> dict:
     return built
 
 
-@pytest.fixture(scope="module")
-def loaded(folders):
-    """Return get(family) -> (our float64 model, the diffusers pipeline in float64), each loaded once."""
-    from diffusers import DiffusionPipeline
-
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            ours = StableDiffusion(str(folders[family]), device="cpu", precision=torch.float64)
-            pipe = DiffusionPipeline.from_pretrained(str(folders[family]), local_files_only=True).to(torch.float64)
-            cache[family] = ours, pipe
-        return cache[family]
-
-    return get
-
-
 # ----------------------------------------------------------------------------------------- the reference
 def pipeline_condition(pipe, prompt: str) -> tuple:
     """Return (prompt_embeds, pooled or None) from the pipeline's own encode_prompt (no CFG: one prompt), under

@@ -27,23 +27,6 @@ def folders(tmp_path_factory, tiny_sd_dir) -> dict:
     return {"sd2": tiny_sd_dir, **built}
 
 
-@pytest.fixture(scope="module")
-def loaded(folders):
-    """Return get(family) -> (our float64 model, the diffusers pipeline in float64), each loaded once."""
-    from diffusers import DiffusionPipeline
-
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            ours = StableDiffusion(str(folders[family]), device="cpu", precision=torch.float64)
-            pipe = DiffusionPipeline.from_pretrained(str(folders[family]), local_files_only=True).to(torch.float64)
-            cache[family] = ours, pipe
-        return cache[family]
-
-    return get
-
-
 def denoiser_output(pipe, x_t: torch.Tensor, timestep, prompts: list[str], height_width=None) -> torch.Tensor:
     """Return the pipeline's denoiser output (its native kind: eps, v or velocity) per row, from one call with its
     family's conditioning as the pipeline's __call__ builds it (SDXL: time ids of height_width, default the
