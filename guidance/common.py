@@ -159,7 +159,7 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--save_dir", what: 
     """Return path as a Path after creating it and proving a file can be written there (the error names `flag`)."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        _make_folder(path)
         _probe_write(path / ".write_test")
     except OSError as err:
         raise UserError(f"cannot write to {what} {path} ({err.strerror or err}): choose another {flag}") from None
@@ -176,11 +176,21 @@ def file_write_problem(path: str | os.PathLike) -> str | None:
     if path.is_dir():
         return "it is a folder"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(path.parent)
         _probe_write(path)
     except OSError as err:
         return err.strerror or str(err)
     return None
+
+
+def _make_folder(path: Path) -> None:
+    """Create path and its parents (OSError 'Not a directory' when one of them is a file, not 'File exists')."""
+    for above in (path, *path.parents):
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(above))
+            break
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def _probe_write(path: Path) -> None:
