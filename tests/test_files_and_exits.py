@@ -173,6 +173,20 @@ def test_run_all_names_its_own_flag_for_an_unwritable_output_folder(tmp_path):
                          f"another --out")
 
 
+def test_app_names_its_own_flags_for_unwritable_folders(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    done = script("app.py", "--model", "toy", "--save_dir", str(tmp_path / "a_file" / "runs"), "--port", "0")
+    assert done.returncode == 2 and "--port 0 is not a port" in done.stderr
+    done = script("app.py", "--model", "toy", "--save_dir", str(tmp_path / "a_file" / "runs"))
+    one_line_error(done, f"cannot write to save directory {tmp_path / 'a_file' / 'runs'} (Not a directory): choose "
+                         f"another --save_dir")
+    done = script("app.py", "--model", "toy", "--save_dir", str(tmp_path / "runs"), "--tensorboard",
+                  str(tmp_path / "a_file" / "tb"))
+    if "tensorboard" not in done.stderr or "pip install" not in done.stderr:  # (without tensorboard installed: that)
+        one_line_error(done, f"cannot write to folder {tmp_path / 'a_file' / 'tb'} (Not a directory): choose another "
+                             f"--tensorboard")
+
+
 def test_eval_device_without_cuda_is_refused_as_main_refuses_it(tmp_path):
     import torch
 
@@ -228,8 +242,10 @@ def ctrl_c_during_import(tmp_path: Path, module: str, *argv: str) -> subprocess.
     (["eval.py", "--fdir1", "x"], "torch"),  # the imports at the top of each script, before run_cli
     (["report.py", "x"], "torch"),
     (["run_all.py", "--model", "toy"], "torch"),
+    (["app.py", "--model", "toy", "--port", "0"], "html"),
     (["report.py", "OUT"], "matplotlib.backends.backend_pdf"),  # inside main: drawing the report
     (["eval.py", "--fdir1", "OUT/sds", "--clip_pretrained", "none"], "open_clip"),  # inside main: building CLIP
+    (["app.py", "--model", "toy", "--save_dir", "OUT/app"], "torch"),  # inside main: before serving
 ])
 def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(tmp_path, argv, module):
     if "OUT" in " ".join(argv):
