@@ -297,3 +297,22 @@ def test_browser_run_stop_and_error(server, browser, tmp_path):
     page.click("run")
     page.wait_for(lambda: "finished" in page.status(), 90, "'finished' after the error")
     assert nearest(page.result_bytes()) == ("red", "circle")
+
+
+def test_browser_compare_shows_every_tile_whole(server, browser):
+    """Two compared methods were shown as two tiles wider than the gallery is tall: only their top half was visible."""
+    page = Page(browser, server[0])
+    page.type("prompt", "a green circle")
+    page.type("steps", 60)
+    page.click("compare")
+    page.wait_for(lambda: "finished comparing" in (page.element("#compare_status textarea").get_attribute("value")
+                                                   or ""), 120, "'finished comparing'")
+    boxes = page.wait_for(lambda: browser.execute_script("""
+        const wrap = document.querySelector('#compare_result .grid-wrap').getBoundingClientRect();
+        const tiles = Array.from(document.querySelectorAll('#compare_result .grid-container img'));
+        return tiles.length ? tiles.map(img => { const r = img.getBoundingClientRect();
+            return [r.top - wrap.top, wrap.bottom - r.bottom, r.left - wrap.left, wrap.right - r.right,
+                    getComputedStyle(img).objectFit]; }) : null;"""), 30, "the compared images")
+    assert len(boxes) == 2
+    for *margins, fit in boxes:  # each image inside the gallery's visible box, drawn whole (contain)
+        assert min(margins) >= -1 and fit == "contain", boxes
