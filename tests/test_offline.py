@@ -99,7 +99,7 @@ def test_run_all_stops_at_the_first_load_failure(tmp_path, monkeypatch, capsys):
         raise UserError(f"could not load the SD 1.x / 2.x model in {config.model} (OSError: unet weights damaged)")
 
     monkeypatch.setattr(main, "build_model", build_model)
-    monkeypatch.setattr(run_all, "check_model", lambda model: None)  # the folder itself looks complete
+    monkeypatch.setattr(run_all, "check_model", lambda model: None, raising=False)  # the folder looks complete
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({f"p{i}": {"prompt": f"a red circle {i}"} for i in range(10)}))
     with pytest.raises(UserError, match="unet weights damaged"):
@@ -126,8 +126,8 @@ def test_lpips_without_network_or_weights_fails_without_trying_to_download(tmp_p
     from utils import UserError
 
     monkeypatch.setattr(evaluation, "lpips_backbone_path", lambda: tmp_path / "checkpoints" / evaluation.LPIPS_BACKBONE)
-    monkeypatch.setattr(models, "_connects", lambda host, port, seconds: False)
-    monkeypatch.setattr(models, "_probed", {})
+    monkeypatch.setattr(models, "_connects", lambda host, port, seconds: False, raising=False)  # no network
+    monkeypatch.setattr(models, "_probed", {}, raising=False)
 
     def download(*args, **kwargs):
         raise AssertionError("LPIPS tried to download its AlexNet weights without a network")
@@ -154,7 +154,7 @@ def test_a_model_in_the_cache_loads_without_network(tiny_sd_dir, tmp_path, monke
     monkeypatch.setattr(hub, "ENDPOINT", closed_endpoint())
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(models, "_probed", {})
+    monkeypatch.setattr(models, "_probed", {}, raising=False)
     capfd.readouterr()
     config = main.parse_args(["--model", "someone/tiny-sd", "--prompt", "a cat", "--step", "2", "--log_step", "0",
                               "--save_dir", str(tmp_path / "out"), "--device", "cpu"])

@@ -231,6 +231,7 @@ def test_a_busy_port_is_one_line_before_anything_loads(tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     (["--port", "70000"], "--port 70000 is not a port: give one in 1-65535"),
+    (["--port", "0"], "--port 0 is not a port: give one in 1-65535"),
     (["--host", "no-such-host.invalid"], "--host no-such-host.invalid is not an address"),
     (["--max_steps", "0"], "--max_steps 0 must be at least 1"),
 ])
