@@ -741,11 +741,11 @@ def write_report(out_dir: str | Path, pdf_path: str | Path | None = None) -> Pat
         raise UserError(f"{out} is not a folder: give the output folder of run_all.py (e.g. outputs/)")
     given = pdf_path is not None
     pdf_path = Path(pdf_path) if pdf_path else out / "report.pdf"
-    check_pdf_writable(pdf_path, given)  # before the pages are drawn
-    report = collect(out)
+    report = collect(out)  # (reads small files only)
     if not any(task.runs for task in report.tasks):
         raise UserError(f"nothing to report in {out}: no {MANIFEST} and no runs in task folders ({', '.join(TASKS[:4])}"
                         f", ...): give the output folder of run_all.py (e.g. outputs/)")
+    check_pdf_writable(pdf_path, given)  # before the pages are drawn
     buffer = io.BytesIO()
     with matplotlib.rc_context({"pdf.fonttype": 42, "font.size": FONT}):
         figures = render(report)

@@ -152,10 +152,10 @@ def test_report_refuses_a_folder_with_nothing_to_report(tmp_path, case):
     elif case == "wrong folder":
         (out / "notes.txt").write_text("not a run")
         Image.new("RGB", (8, 8)).save(out / "holiday.png")
-    done = script("report.py", str(out))
+    done = script("report.py", str(out), "--pdf", str(tmp_path / "new" / "report.pdf"))
     one_line_error(done, f"nothing to report in {out}: no run_all.json and no runs in task folders (ddim, sds, nfsd, "
                          f"csd, ...): give the output folder of run_all.py (e.g. outputs/)")
-    assert not (out / "report.pdf").exists()
+    assert not (tmp_path / "new").exists()  # nothing made
 
 
 def test_report_names_the_scorer_that_scored(tmp_path):
