@@ -848,7 +848,7 @@ def main(argv=None) -> int:
     if public:
         from guidance.models import work_offline
 
-        work_offline()  # a visitor's request never reaches the network: models on disk only, from the cache
+        work_offline("served to the network, the app downloads nothing")  # models on disk only, from the cache
     model = start_model(args.model, public)
     page, runner = build_app(model, save_dir, args.device, args.precision, args.tensorboard, any_model=not public,
                              max_steps=args.max_steps)

@@ -235,6 +235,7 @@ def _read_json(path: Path) -> dict | None:
 # ----------------------------------------------------------------------------------------- is the hub there at all?
 PROBE_SECONDS = 2.0  # a connection to the hub that does not open within this is taken as no network
 _probed: dict[tuple[str, int], bool] = {}  # (host, port) -> reachable, once per process
+_offline_reason = ""  # why this process switched itself to offline mode (work_offline)
 
 
 def reachable(url: str, seconds: float = PROBE_SECONDS) -> bool:
@@ -283,27 +284,24 @@ def hub_offline() -> bool:
         return True
     if reachable(hub.ENDPOINT):
         return False
-    work_offline()
+    work_offline(f"no connection to {urlsplit(hub.ENDPOINT).netloc or hub.ENDPOINT} within {PROBE_SECONDS:g} s")
     return True
 
 
-def work_offline() -> None:
-    """Make this process use the Hugging Face cache only, as HF_HUB_OFFLINE=1 does (set after the libraries read it)."""
+def work_offline(reason: str) -> None:
+    """Make this process use the Hugging Face cache only, as HF_HUB_OFFLINE=1 does (set after the libraries read it);
+    `reason` is what the error for a model that is not in the cache will say."""
     import huggingface_hub.constants as hub
 
+    global _offline_reason
     hub.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub, transformers and diffusers' loaders
     os.environ["HF_HUB_OFFLINE"] = "1"  # and by whatever reads the environment later
+    _offline_reason = reason
 
 
 def hub_unreachable_reason() -> str:
-    """Return why the hub is not used: offline mode as asked, or the failed probe."""
-    import huggingface_hub.constants as hub
-
-    host = urlsplit(hub.ENDPOINT).netloc or hub.ENDPOINT
-    probed = [key for key, ok in _probed.items() if not ok]
-    if probed:
-        return f"no connection to {host} within {PROBE_SECONDS:g} s"
-    return "HF_HUB_OFFLINE=1" if hub.HF_HUB_OFFLINE else f"{host} did not answer"
+    """Return why the hub is not used: the reason this process switched itself offline, or HF_HUB_OFFLINE=1."""
+    return _offline_reason or "HF_HUB_OFFLINE=1"
 
 
 def _hub_model_index(hub_id: str, name: str) -> dict:

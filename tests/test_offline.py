@@ -155,6 +155,7 @@ def test_a_model_in_the_cache_loads_without_network(tiny_sd_dir, tmp_path, monke
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(models, "_probed", {}, raising=False)
+    monkeypatch.setattr(models, "_offline_reason", "", raising=False)
     capfd.readouterr()
     config = main.parse_args(["--model", "someone/tiny-sd", "--prompt", "a cat", "--step", "2", "--log_step", "0",
                               "--save_dir", str(tmp_path / "out"), "--device", "cpu"])

@@ -237,9 +237,12 @@ def test_a_busy_port_is_one_line_before_anything_loads(tmp_path):
     (["--port", "0"], "--port 0 is not a port: give one in 1-65535"),
     (["--host", "no-such-host.invalid"], "--host no-such-host.invalid is not an address"),
     (["--max_steps", "0"], "--max_steps 0 must be at least 1"),
+    (["--host", "0.0.0.0", "--model", "someone/not-here"], "--model someone/not-here is not on this machine, and a "
+                                                           "page served to the network loads only models already here"),
 ])
 def test_bad_serving_flags_are_one_line(args, expected):
-    done = run_app("--model", "toy", *args)
+    port = [] if "--port" in args else ["--port", str(free_port())]
+    done = run_app("--model", "toy", *port, *args)
     assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Serving on" not in done.stdout
 
