@@ -21,10 +21,18 @@ optional) and returns the final image file first:
 """
 from __future__ import annotations
 
+from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest import exits 130 quietly
+
+interrupt_quietly(__name__)
+
 import argparse
+import html
 import os
 import queue
+import re
 import shutil
+import signal
+import socket
 import sys
 import threading
 import time
@@ -36,18 +44,36 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the 
 REPO = Path(__file__).resolve().parent
 DEFAULT_PORT = 7860
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless told otherwise
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 PREVIEW_SECONDS = 0.25  # at most this often a live preview goes to the page
+PREVIEW_PIXELS = 384  # a live preview's longest side (the page shows 320 px; the result file keeps its own size)
+# What one request may ask of the server (README, "The app's limits"). --max_steps overrides the step ceiling, whose
+# default follows the model and the device: a toy world's step takes milliseconds, Stable Diffusion's SDS step 11-41 ms
+# on an H100 (README) but seconds on a CPU, where 500 (the course's most) is already a long run.
+MAX_STEPS = {"a toy world": 20000, "Stable Diffusion on a GPU": 5000, "Stable Diffusion on a CPU": 500}
+MAX_SOURCE_PIXELS = 4096 * 4096  # a source image's size, read from its header before anything is decoded
+MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads before they reach the app
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; a longer text is a mistake or an attack
+# Gradio's cache of what the page was sent (previews, results): every CACHE_SWEEP_SECONDS the files older than
+# CACHE_MAX_AGE_SECONDS are deleted, and all of it when the server stops. The runs themselves stay in --save_dir.
+CACHE_SWEEP_SECONDS, CACHE_MAX_AGE_SECONDS = 300, 1800
+SHUTDOWN_SECONDS = 60  # on Ctrl-C / SIGTERM, how long a run in progress gets to end its step and write its files
 LOSS_POINTS = 400  # the loss curve is drawn from at most this many points
 LOSS_AXIS = "log10 loss"
 MAX_COMPARE = 4
 # The example a Stable Diffusion page starts with (a toy world's page starts with its world's own example).
 SD_EXAMPLE = ("A castle next to a river", "A rainbow castle next to a river",
               REPO / "data" / "imgs" / "A_castle_next_to_a_river.png")
-# The toy's 64x64 images, shown large with their pixels sharp (the files stay at their own size).
+# The toy's 64x64 images, shown large with their pixels sharp (the files stay at their own size). The comparison's
+# tiles keep MAX_COMPARE columns whatever their number (Gradio would widen two square tiles past the gallery's height,
+# showing only their top half), and no tile is taller than the gallery: on a wide page a tile is wider than tall and
+# its image, contained, whole.
 CSS = """
 #result img { width: 100%; height: 100%; object-fit: contain; }
 #result img, #compare_result img, #guidance_panel img { image-rendering: pixelated; }
-"""
+#compare_result .grid-container { grid-template-columns: repeat(MAX_COMPARE, minmax(100px, 1fr)); }
+#compare_result .thumbnail-item { max-height: 280px; }
+""".replace("MAX_COMPARE", str(MAX_COMPARE))
 
 
 # ----------------------------------------------------------------------------------------------- what main.py offers
@@ -96,42 +122,90 @@ class Runner:
     """Runs main.run for the page: one loaded model, reused, serving one run at a time; Stop per browser session."""
 
     def __init__(self, save_root: str | Path, device: str | None = None, precision: str = "fp32",
-                 tensorboard: str | None = None, models: list[str] | None = None):
+                 tensorboard: str | None = None, models: list[str] | None = None, max_steps: int | None = None):
         self.save_root = Path(save_root)
         self.device, self.precision, self.tensorboard = device, precision, tensorboard
         self.models = models  # the models a page may ask for (None: any hub id or local folder)
+        self.max_steps = max_steps  # None: MAX_STEPS for the run's model and the device
         self.model_name, self.model = None, None
         self.stop_flags: dict[str, threading.Event] = {}  # session -> the stop flag of its current run
-        self.lock = threading.Lock()  # guards the stop flags and the folder counter
+        self.lock = threading.Lock()  # guards the stop flags, the workers and the folder counter
         # Held while a run uses the model. The event queue already runs one run at a time, but a run whose page
         # went away still finishes its step in the background: the next one waits for it here.
         self.model_lock = threading.Lock()
         self.counter = 0
+        self.workers: set[threading.Thread] = set()  # runs in progress (shutdown waits for them)
+        self.closing = threading.Event()  # set by shutdown: runs in progress stop, new ones are refused
 
     # -- arguments and model
     def make_args(self, prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
                   generator=None, log_guidance=True, save_dir=None):
-        """Return the resolved run configuration of one run (UserError for anything main.py would refuse)."""
+        """Return the resolved run configuration of one run from what a page or an API client sent (any JSON value
+        may arrive): UserError, phrased for the page, for anything this server or main.py would refuse."""
         from guidance.config import RunConfig
         from utils import UserError
 
+        if self.closing.is_set():
+            raise UserError("the server is shutting down: try again once it is back")
         methods = loss_types()
         if method not in methods:
             raise UserError(f"unknown method {method!r}: choose one of {', '.join(methods)}")
-        model = (model or "").strip() or default_model()
+        model = _text(model, "model").strip() or default_model()
         if self.models is not None and model not in self.models:
             raise UserError(f"model {model!r} is not offered by this server: choose one of {', '.join(self.models)}")
+        limit = self.step_limit(model)
+        steps = None if _blank(steps) else _whole(steps, "steps")
+        if steps is not None and steps > limit:
+            raise UserError(f"steps {steps} is more than this server runs ({limit} at most{self.limit_note(model)}): "
+                            f"give fewer steps")
         edits = method_info(method).edits
+        if edits and _blank(edit_prompt):
+            raise UserError(f"{method.upper()} edits an image: type the edit prompt (what the edited image shows)")
+        if edits and _blank(source):
+            raise UserError(f"{method.upper()} edits an image: upload a source image")
+        generators, default_generator = generator_choices()
+        if not _blank(generator) and generator not in generators:
+            raise UserError(f"unknown generator {generator!r}: choose one of {', '.join(generators)}")
         config = RunConfig(
-            prompt=prompt or "", loss_type=method, model=model,
-            step=None if steps in (None, "") else _whole(steps, "steps"),
-            seed=0 if seed in (None, "") else _whole(seed, "seed"),
-            guidance_scale=None if guidance is None or not str(guidance).strip() else _number(guidance, "guidance"),
-            edit_prompt=(edit_prompt or None) if edits else None, src_img_path=(source or None) if edits else None,
-            generator=generator or RunConfig.generator, device=self.device, precision=self.precision,
-            tensorboard=self.tensorboard, save_dir=str(save_dir or self.new_save_dir()))
-        config.log_guidance = bool(log_guidance) and config.log_step > 0
-        return config.resolved()
+            prompt=_prompt(prompt, "prompt"), loss_type=method, model=model, step=steps,
+            seed=0 if _blank(seed) else _whole(seed, "seed"),
+            guidance_scale=None if _blank(guidance) else _number(guidance, "guidance"),
+            edit_prompt=_prompt(edit_prompt, "edit prompt") or None if edits else None,
+            src_img_path=source_image(source) if edits else None, generator=generator or default_generator,
+            device=self.device, precision=self.precision, tensorboard=self.tensorboard,
+            save_dir=str(save_dir or self.new_save_dir()))
+        config.log_guidance = _switch(log_guidance, "show what the guidance sees") and config.log_step > 0
+        try:
+            config = config.resolved()
+        except UserError as err:
+            raise UserError(page_message(str(err))) from None
+        if config.step > limit:  # the method's default steps, above a lower --max_steps
+            raise UserError(f"{method}'s default of {config.step} steps is more than this server runs ({limit} at "
+                            f"most): give fewer steps")
+        return config
+
+    def step_limit(self, model: str) -> int:
+        """Return the most steps one run of `model` may take: --max_steps, or MAX_STEPS for the model and device."""
+        return self.max_steps or MAX_STEPS[self.model_kind(model)]
+
+    def model_kind(self, model: str) -> str:
+        from guidance.models import world
+        from utils import resolve_device
+
+        if world(model) is not None:
+            return "a toy world"
+        on_gpu = resolve_device(self.device).type != "cpu"
+        return f"Stable Diffusion on a {'GPU' if on_gpu else 'CPU'}"
+
+    def limits_text(self) -> str:
+        """Return the page's line about this server's limits."""
+        steps = (f"{self.max_steps} steps" if self.max_steps else
+                 "; ".join(f"{n} steps for {kind}" for kind, n in MAX_STEPS.items()))
+        return (f"This server runs at most {steps} per run, up to {MAX_COMPARE} methods per comparison, and takes "
+                f"source images of up to {MAX_SOURCE_PIXELS / 1e6:.1f} million pixels.")
+
+    def limit_note(self, model: str) -> str:
+        return "" if self.max_steps else f" for {self.model_kind(model)}"
 
     def new_save_dir(self, suffix: str = "") -> Path:
         """Return a fresh folder under the app's output root for one run (or one comparison)."""
@@ -163,36 +237,28 @@ class Runner:
         if flag is not None:
             flag.set()
 
+    def shutdown(self, seconds: float = SHUTDOWN_SECONDS) -> bool:
+        """Stop every run in progress as Stop does (each ends 'interrupted' with its image kept), refuse new ones, and
+        wait up to `seconds` for them to write their files; return whether all of them ended."""
+        self.closing.set()
+        with self.lock:
+            for flag in self.stop_flags.values():
+                flag.set()
+            workers = list(self.workers)
+        deadline = time.monotonic() + seconds
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not any(worker.is_alive() for worker in workers)
+
     # -- one run, as a stream of events
     def stream(self, args, session: str):
         """Yield ('progress', step, total, t, losses, image) in a run, then ('done', result) or ('error', text)."""
-        import main
-        from utils import torch_to_pil
-
         updates: queue.Queue = queue.Queue()
         flag = self.new_stop_flag(session)
-        last = [0.0]
-
-        def callback(info) -> None:
-            now = time.monotonic()
-            if info.step == info.total or now - last[0] >= PREVIEW_SECONDS:
-                last[0] = now
-                updates.put(("progress", info.step, info.total, info.t, list(info.losses),
-                             torch_to_pil(info.image()[:1].cpu())))
-
-        def work() -> None:
-            try:
-                with self.model_lock:
-                    model = self.get_model(args)
-                    model.get_text_embeds(args.prompt)  # a prompt the model refuses fails here, before any file
-                    if method_info(args.loss_type).edits:
-                        model.get_text_embeds(args.edit_prompt)
-                    result = main.run(model, args, progress=False, callback=callback, should_stop=flag.is_set)
-                updates.put(("done", result))
-            except Exception as err:  # noqa: BLE001 (every failure must reach the page, and the server go on)
-                updates.put(("error", describe_error(err)))
-
-        threading.Thread(target=work, name="distil", daemon=True).start()
+        worker = threading.Thread(target=self._work, args=(args, flag, updates), name="distil", daemon=True)
+        with self.lock:
+            self.workers.add(worker)
+        worker.start()
         ended = False
         try:
             while not ended:
@@ -206,27 +272,138 @@ class Runner:
             if not ended:  # the page went away (closed, or its request cancelled): stop its run
                 flag.set()
 
+    def _work(self, args, flag: threading.Event, updates: queue.Queue) -> None:
+        """Run one configuration on the held model (a worker thread), putting its progress and its end on updates."""
+        import main
+        from utils import torch_to_pil
 
-def _number(value, name: str) -> float:
+        last = [0.0]
+
+        def callback(info) -> None:
+            now = time.monotonic()
+            if info.step == info.total or now - last[0] >= PREVIEW_SECONDS:
+                last[0] = now
+                image = torch_to_pil(info.image()[:1].cpu())
+                image.thumbnail((PREVIEW_PIXELS, PREVIEW_PIXELS))  # what the page shows; the run's files keep all
+                updates.put(("progress", info.step, info.total, info.t, list(info.losses), image))
+
+        try:
+            with self.model_lock:
+                if self.closing.is_set():
+                    raise _user_error("the server is shutting down: the run did not start")
+                model = self.get_model(args)
+                model.get_text_embeds(args.prompt)  # a prompt the model refuses fails here, before any file
+                if method_info(args.loss_type).edits:
+                    model.get_text_embeds(args.edit_prompt)
+                result = main.run(model, args, progress=False, callback=callback,
+                                  should_stop=lambda: flag.is_set() or self.closing.is_set())
+            updates.put(("done", result))
+        except Exception as err:  # noqa: BLE001 (every failure must reach the page, and the server go on)
+            updates.put(("error", describe_error(err)))
+        finally:
+            with self.lock:
+                self.workers.discard(threading.current_thread())
+
+
+# ----------------------------------------------------------------------------------------------- checking a request
+def _user_error(message: str):
     from utils import UserError
 
+    return UserError(message)
+
+
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _text(value, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _user_error(f"the {name} must be text, not {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _prompt(value, name: str) -> str:
+    text = _text(value, name)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise _user_error(f"the {name} is {len(text)} characters long; this server takes at most {MAX_PROMPT_CHARS} "
+                          f"(CLIP reads about 77 words): shorten it")
+    return text
+
+
+def _switch(value, name: str) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise _user_error(f"'{name}' must be true or false, not {value!r:.60}")
+    return value
+
+
+EXAMPLES = {"guidance": "7.5, or leave it blank for the method's default", "steps": "200", "seed": "0"}
+
+
+def _number(value, name: str) -> float:
+    fix = f"give e.g. {EXAMPLES.get(name, '1')}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _user_error(f"{name} {value!r:.60} is not a number: {fix}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} {value!r} is not a number: give e.g. 7.5, or leave it blank for the method's "
-                        f"default") from None
+    except (ValueError, OverflowError):
+        raise _user_error(f"{name} {value!r:.60} is not a number: {fix}") from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise UserError(f"{name} {value!r} must be a finite number")
+        raise _user_error(f"{name} {value!r} must be a finite number: {fix}")
     return number
 
 
 def _whole(value, name: str) -> int:
-    from utils import UserError
-
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exactly (a float would round a seed above 2^53)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
     number = _number(value, name)
     if number != int(number):
-        raise UserError(f"{name} {value} must be a whole number")
+        raise _user_error(f"{name} {value} must be a whole number: give e.g. {EXAMPLES.get(name, '1')}")
     return int(number)
+
+
+def source_image(source) -> str | None:
+    """Return the local path of the source image a request sent (a path, or Gradio's file payload {"path": ...}),
+    after checking from its header, before anything is decoded, that it is an image of at most MAX_SOURCE_PIXELS."""
+    from PIL import Image
+
+    if _blank(source):
+        return None
+    path = source.get("path") if isinstance(source, dict) else source
+    if not isinstance(path, str) or not path:
+        raise _user_error("the source image did not arrive as a file: upload a PNG or JPEG")
+    name = Path(source.get("orig_name") or path).name if isinstance(source, dict) else Path(path).name
+    limit = f"this server takes at most {MAX_SOURCE_PIXELS / 1e6:.1f} million pixels (e.g. 4096 x 4096)"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except Image.DecompressionBombError:
+        raise _user_error(f"the source image {name} is far too large: {limit}; upload a smaller one") from None
+    except FileNotFoundError:
+        raise _user_error(f"the source image {name} is not on the server: upload it again") from None
+    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        raise _user_error(f"the source image {name} is not an image this app can read: upload a PNG or "
+                          f"JPEG") from None
+    if width * height > MAX_SOURCE_PIXELS:
+        raise _user_error(f"the source image {name} is {width} x {height} pixels; {limit}: upload a smaller one")
+    return path
+
+
+# The CLI's flags as the page names them (RunConfig's messages are written for main.py).
+PAGE_NAMES = {"prompt": "the prompt", "edit_prompt": "the edit prompt", "src_img_path": "the source image",
+              "loss_type": "the method", "guidance_scale": "the guidance scale", "step": "steps", "seed": "the seed",
+              "generator": "the generator", "model": "model", "save_dir": "the app's output folder"}
+
+
+def page_message(text: str) -> str:
+    """Return a message written for main.py with its flags named as the page names them (--edit_prompt -> the edit
+    prompt); a flag the page does not offer keeps its name."""
+    return re.sub(r"--([a-z0-9_]+)\b", lambda m: PAGE_NAMES.get(m.group(1), m.group(0)), text)
 
 
 def describe_error(err: BaseException) -> str:
@@ -234,10 +411,34 @@ def describe_error(err: BaseException) -> str:
     from utils import UserError
 
     if isinstance(err, UserError):
-        return f"error: {err}"
+        return f"error: {page_message(str(err))}"
     traceback.print_exception(err, file=sys.stderr)
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
     return f"error: {err.__class__.__name__}: {first} (a bug: the traceback is in the app's log)"
+
+
+def page_error(status: str):
+    """Return the gr.Error that carries a status line's message to the page (a pop-up) and to API clients (gradio_client
+    raises it as AppError); HTML-escaped, since the pop-up renders HTML and a message may quote a prompt."""
+    import gradio as gr
+
+    return gr.Error(html.escape(status.removeprefix("error: "), quote=False), title="Error", print_exception=False)
+
+
+def compared_methods(chosen) -> list[str]:
+    """Return the methods a comparison asked for, in the table's order: one to MAX_COMPARE known methods."""
+    methods = loss_types()
+    if isinstance(chosen, str):
+        chosen = [chosen]
+    if not isinstance(chosen, (list, tuple)):
+        raise _user_error(f"the methods to compare must be a list of names, not {chosen!r:.60}")
+    unknown = [m for m in chosen if m not in methods]
+    if unknown:
+        raise _user_error(f"unknown method(s) {', '.join(map(repr, unknown))}: choose among {', '.join(methods)}")
+    chosen = [m for m in methods if m in chosen]
+    if not chosen or len(chosen) > MAX_COMPARE:
+        raise _user_error(f"choose one to {MAX_COMPARE} methods to compare (chose {len(chosen)})")
+    return chosen
 
 
 def loss_frame(losses: list):
@@ -292,15 +493,14 @@ class Handlers:
     def session_of(request) -> str:
         return getattr(request, "session_hash", None) or "api"
 
-    @staticmethod
-    def method_changed(method):
+    def method_changed(self, method):
         """Return the page updates for a newly chosen method: edit fields shown or hidden, its defaults."""
         import gradio as gr
 
         info = method_info(method)
         return (gr.update(visible=info.edits), gr.update(visible=info.edits),
                 gr.update(placeholder=f"blank: {method}'s default, {info.guidance_scale:g}"),
-                gr.update(value=info.steps))
+                gr.update(value=min(info.steps, self.runner.max_steps or info.steps)))
 
     def run(self, prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
             generator=None, log_guidance=True, request=None):
@@ -309,8 +509,9 @@ class Handlers:
             args = self.runner.make_args(prompt, method, steps, seed, edit_prompt, source, guidance, model, generator,
                                          log_guidance)
         except Exception as err:  # noqa: BLE001
-            yield None, describe_error(err), loss_frame([]), None, None
-            return
+            status = describe_error(err)
+            yield None, status, loss_frame([]), None, None
+            raise page_error(status) from None
         yield None, f"starting {method} with {args.model} ({args.step} steps)", loss_frame([]), None, None
         for event in self.runner.stream(args, self.session_of(request)):
             if event[0] == "progress":
@@ -319,6 +520,7 @@ class Handlers:
                        newest_panel(args))
             elif event[0] == "error":
                 yield None, event[1], loss_frame([]), None, None
+                raise page_error(event[1])
             else:
                 result = event[1]
                 files = [str(result.image_path), str(zip_run(result))]
@@ -328,18 +530,15 @@ class Handlers:
     def compare(self, prompt, chosen, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
                 generator=None, log_guidance=True, request=None):
         """Run up to four methods on one prompt and seed, one after another; stream the gallery and a status."""
-        methods = loss_types()
-        chosen = [m for m in methods if m in (chosen or [])]
-        if not chosen or len(chosen) > MAX_COMPARE:
-            yield [], f"error: choose one to {MAX_COMPARE} methods to compare (chose {len(chosen)})"
-            return
-        root = self.runner.new_save_dir("-compare")
         try:
+            chosen = compared_methods(chosen)
+            root = self.runner.new_save_dir("-compare")
             all_args = [self.runner.make_args(prompt, m, steps if steps else None, seed, edit_prompt, source, guidance,
                                               model, generator, log_guidance, save_dir=root / m) for m in chosen]
         except Exception as err:  # noqa: BLE001
-            yield [], describe_error(err)
-            return
+            status = describe_error(err)
+            yield [], status
+            raise page_error(status) from None
         done, lines, stopped = [], [], False
         for method, args in zip(chosen, all_args):
             if stopped:
@@ -359,32 +558,54 @@ class Handlers:
                     stopped = result.status == "interrupted"  # a Stop ends the whole comparison
             yield done, "\n".join(lines)
         yield done, "\n".join(lines + ["stopped" if stopped else "finished comparing " + ", ".join(chosen)])
+        if not done:  # every method failed: the client hears it as an error, not as an empty gallery
+            raise page_error("error: " + "; ".join(lines))
 
     def stop(self, request=None):
         """Stop the session's current run (or comparison)."""
         self.runner.request_stop(self.session_of(request))
 
 
+def on_disk(model: str) -> bool:
+    """Return whether a model loads without the network: a toy world, a local folder, or a hub id (or short name)
+    whose model_index.json is in the Hugging Face cache. Reads the cache only: never touches the network."""
+    from guidance.models import FAMILIES, world
+
+    if world(model) is not None or Path(model).expanduser().is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = FAMILIES[model].hub_id if model in FAMILIES else model
+    try:
+        return isinstance(try_to_load_from_cache(hub_id, "model_index.json"), str)
+    except ValueError:  # not a hub id at all (huggingface_hub's HFValidationError)
+        return False
+
+
 def build_app(model: str | None = None, save_dir: str | Path = "outputs/app", device: str | None = None,
-              precision: str = "fp32", tensorboard: str | None = None, any_model: bool = True):
+              precision: str = "fp32", tensorboard: str | None = None, any_model: bool = True,
+              max_steps: int | None = None):
     """Return (the gr.Blocks page, its Runner).
 
-    any_model=False offers only the listed models (the start model, the toy worlds, SD 2.1-base): for a page served
-    beyond this machine, where a visitor should not make the server download or open whatever model it names.
+    any_model=False offers only the listed models that are already on this machine (the start model, the toy worlds,
+    SD 2.1-base when its files are in the cache): for a page served beyond this machine, where a visitor should not
+    make the server download or open whatever model it names. max_steps: the step ceiling (None: MAX_STEPS).
     """
     from guidance.models import DEFAULT_MODEL, worlds
 
     model = model or default_model()
     model_choices = list(dict.fromkeys([model, *worlds(), DEFAULT_MODEL]))
+    if not any_model:
+        model_choices = [m for m in model_choices if on_disk(m)]
     runner = Runner(save_dir, device=device, precision=precision, tensorboard=tensorboard,
-                    models=None if any_model else model_choices)
-    page, ui = layout(model, model_choices, any_model)
+                    models=None if any_model else model_choices, max_steps=max_steps)
+    page, ui = layout(model, model_choices, any_model, runner.step_limit(model), runner.limits_text())
     wire(page, ui, Handlers(runner))
     page.queue(default_concurrency_limit=1)
     return page, runner
 
 
-def layout(model: str, model_choices: list[str], any_model: bool):
+def layout(model: str, model_choices: list[str], any_model: bool, step_limit: int, limits: str = ""):
     """Return (the gr.Blocks page, {elem_id: component}) laid out, without any event wired."""
     import gradio as gr
 
@@ -394,10 +615,11 @@ def layout(model: str, model_choices: list[str], any_model: bool):
     first = "sds" if "sds" in methods else methods[0]
     example_prompt, example_edit, source_default = example_for(model)
     ui = {}
-    with gr.Blocks(title="Score distillation: watch it work") as page:
+    with gr.Blocks(title="Score distillation: watch it work",
+                   delete_cache=(CACHE_SWEEP_SECONDS, CACHE_MAX_AGE_SECONDS)) as page:
         gr.Markdown("## Score distillation: watch it work\n"
                     "Distil an image with any method; it updates every few steps. "
-                    + f"The model: {getattr(world(model), 'description', model)}.")
+                    + f"The model: {getattr(world(model), 'description', model)}. {limits}")
         with gr.Row():
             with gr.Column(scale=1):
                 ui["prompt"] = gr.Textbox(label="Prompt", value=example_prompt, elem_id="prompt")
@@ -414,8 +636,8 @@ def layout(model: str, model_choices: list[str], any_model: bool):
                     ui["guidance"] = gr.Textbox(label="Guidance scale", value="", elem_id="guidance",
                                                 placeholder=f"blank: {first}'s default, "
                                                             f"{method_info(first).guidance_scale:g}")
-                    ui["steps"] = gr.Number(label="Steps", value=method_info(first).steps, precision=0, minimum=1,
-                                            elem_id="steps")
+                    ui["steps"] = gr.Number(label="Steps", value=min(method_info(first).steps, step_limit),
+                                            precision=0, minimum=1, elem_id="steps")
                     ui["seed"] = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 ui["generator"] = gr.Dropdown(generators[0], label="Generator", value=generators[1],
                                               elem_id="generator")
@@ -441,7 +663,7 @@ def layout(model: str, model_choices: list[str], any_model: bool):
                                                          label=f"Methods (up to {MAX_COMPARE})",
                                                          elem_id="compare_methods", scale=3)
                 ui["compare"] = gr.Button("Compare", elem_id="compare", scale=1)
-            ui["compare_result"] = gr.Gallery(label="Compared", columns=MAX_COMPARE, height=300,
+            ui["compare_result"] = gr.Gallery(label="Compared", columns=MAX_COMPARE, height=340,
                                               elem_id="compare_result", format="png", object_fit="contain")
             ui["compare_status"] = gr.Textbox(label="Compare status", elem_id="compare_status", interactive=False,
                                               lines=2)
@@ -470,12 +692,15 @@ def wire(page, ui: dict, handlers: Handlers) -> None:
         common = [ui[k] for k in ("edit_prompt", "source", "guidance", "model", "generator", "log_guidance")]
         ui["method"].change(handlers.method_changed, ui["method"],
                             [ui["edit_prompt"], ui["source"], ui["guidance"], ui["steps"]], api_visibility="private")
+        # preprocess=False: the handlers get what the client sent, unconverted, and check every value themselves, so
+        # that a bad one (seed "x", 1.5, a text file named .png, a 20000 x 20000 PNG) is a message the client and
+        # the page receive, not an error inside Gradio's conversion (which they see as a bare "Error").
         ui["run"].click(run, [ui["prompt"], ui["method"], ui["steps"], ui["seed"], *common],
                         [ui["result"], ui["status"], ui["loss"], ui["downloads"], ui["guidance_panel"]],
-                        api_name="run", concurrency_id="model", concurrency_limit=1)
+                        api_name="run", concurrency_id="model", concurrency_limit=1, preprocess=False)
         ui["compare"].click(compare, [ui["prompt"], ui["compare_methods"], ui["steps"], ui["seed"], *common],
                             [ui["compare_result"], ui["compare_status"]], api_name="compare", concurrency_id="model",
-                            concurrency_limit=1)
+                            concurrency_limit=1, preprocess=False)
         ui["stop"].click(stop, None, None, api_name="stop", concurrency_limit=None)
 
 
@@ -483,8 +708,103 @@ def launch(page, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, save_dir: s
            block: bool = True):
     """Serve the page on host:port (blocking unless block=False); return the page."""
     page.launch(server_name=host, server_port=port, allowed_paths=[str(Path(save_dir).resolve())],
-                show_error=False, ssr_mode=False, css=CSS, prevent_thread_lock=not block, quiet=not block)
+                show_error=False, ssr_mode=False, css=CSS, prevent_thread_lock=not block, quiet=not block,
+                max_file_size=MAX_UPLOAD)
     return page
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise UserError (one line) unless this process can listen on host:port: a port in use or out of range, or an
+    address that is not this machine's, fails here, before anything loads."""
+    import errno
+
+    from utils import UserError
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port} is not a port: give one in 1-65535, e.g. --port {DEFAULT_PORT}")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except socket.gaierror as err:
+        raise UserError(f"--host {host} is not an address ({err.strerror}): give 127.0.0.1 (this machine only) or "
+                        f"0.0.0.0 (every network)") from None
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another app.py?): choose another --port, e.g. --port "
+                            f"{port + 1 if port < 65535 else DEFAULT_PORT}") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host} is not an address of this machine: give 127.0.0.1 (this machine only) or "
+                            f"0.0.0.0 (every network)") from None
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port, e.g. "
+                        f"--port {DEFAULT_PORT}") from None
+
+
+def start_model(requested: str | None, public: bool) -> str:
+    """Return the model the page starts with. A server open to the network loads only models already on this machine:
+    a --model that is not is an error; the default (Stable Diffusion on a CUDA machine) gives way to a toy world."""
+    from guidance.models import worlds
+    from utils import UserError
+
+    model = requested or default_model()
+    if not public or on_disk(model):
+        return model
+    if requested:
+        raise UserError(f"--model {model} is not on this machine, and a page served to the network loads only models "
+                        f"already here: download it first (`hf download {model}`), give a local folder, or --model "
+                        f"{next(iter(worlds()))}")
+    fallback = next(iter(worlds()))
+    print(f"note: {model} is not on this machine and a page served to the network downloads nothing: starting with "
+          f"the {fallback} world", file=sys.stderr)
+    return fallback
+
+
+def serve(page, runner: Runner, host: str, port: int, save_dir: Path) -> int:
+    """Serve the page until Ctrl-C or SIGTERM; then stop the run in progress as Stop does (it ends 'interrupted', its
+    image kept), close the server and return 130 (Ctrl-C, as every script here) or 0 (SIGTERM: a service's stop)."""
+    from utils import UserError
+
+    received: list[int] = []
+    wake = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if received:  # a second Ctrl-C: do not wait for the run any longer
+            print("stopping now, without waiting for the run", file=sys.stderr, flush=True)
+            os._exit(130)
+        received.append(signum)
+        wake.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        launch(page, host, port, save_dir, block=False)
+    except OSError as err:  # the port was taken since check_port
+        raise UserError(f"cannot serve on {host}:{port} ({str(err).splitlines()[0]}): choose another --port") from None
+    print(f"Serving on http://{host}:{port}/ (Ctrl-C to stop); runs go to {save_dir}", flush=True)
+    while not wake.wait(0.5):
+        pass
+    print("stopping: the run in progress (if any) ends as Stop ends it, keeping its image", file=sys.stderr, flush=True)
+    ended = runner.shutdown()
+    page.close()  # (it gives the pages' open connections up to 5 s to end)
+    clear_cache(page)
+    code = 130 if received[0] == signal.SIGINT else 0
+    if not ended:  # a run still inside a model load or a step: leaving normally would abort in its native code
+        print(f"a run did not end within {SHUTDOWN_SECONDS} s; stopping without it", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def clear_cache(page) -> None:
+    """Delete what this server put in Gradio's cache (previews, results). Gradio does it when its server stops only once
+    every page has closed its connection (an open tab keeps one), so it is done here, after the server has stopped."""
+    try:
+        from gradio.route_utils import delete_files_created_by_app
+    except ImportError:  # a Gradio without it: its periodic cleanup (delete_cache) still bounds the cache
+        return
+    delete_files_created_by_app(page, age=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,16 +816,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA, Stable Diffusion 2.1-base with it); the page can switch")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 for every network)")
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 for every network, "
+                        f"and then the page offers only the models already on this machine)")
     p.add_argument("--save_dir", default="outputs/app", help="where runs are written, one folder each")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--tensorboard", default=None, metavar="DIR", help="also log every run for TensorBoard in DIR")
+    p.add_argument("--max_steps", type=int, default=None, metavar="N",
+                   help="the most steps one run may take (default: " + ", ".join(
+                       f"{n} for {kind}" for kind, n in MAX_STEPS.items()) + ")")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from utils import UserError
+
+    check_port(args.host, args.port)  # before anything loads
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max_steps {args.max_steps} must be at least 1")
     from utils import check_writable_dir, resolve_device
 
     resolve_device(args.device)
@@ -514,12 +843,16 @@ def main(argv=None) -> int:
         from guidance.diagnostics import require_tensorboard
 
         require_tensorboard()
-        check_writable_dir(args.tensorboard)
-    local = args.host in ("127.0.0.1", "localhost", "::1")
-    page, _ = build_app(args.model, save_dir, args.device, args.precision, args.tensorboard, any_model=local)
-    print(f"Serving on http://{args.host}:{args.port}/ (Ctrl-C to stop); runs go to {save_dir}")
-    launch(page, args.host, args.port, save_dir)
-    return 0
+        check_writable_dir(args.tensorboard, flag="--tensorboard", what="folder")
+    public = args.host not in LOCAL_HOSTS
+    if public:
+        from guidance.models import work_offline
+
+        work_offline("served to the network, the app downloads nothing")  # models on disk only, from the cache
+    model = start_model(args.model, public)
+    page, runner = build_app(model, save_dir, args.device, args.precision, args.tensorboard, any_model=not public,
+                             max_steps=args.max_steps)
+    return serve(page, runner, args.host, args.port, save_dir)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,17 @@ variants.py), over the helpers they share (common.py).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest import exits 130 quietly
 
-from benchmarks.random_sd import SIZES as RANDOM_MODELS  # tiny, mid, sd21, sd15, sdxl, sd35m, ...
-from benchmarks.variants import VARIANTS
+interrupt_quietly(__name__)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.random_sd import SIZES as RANDOM_MODELS  # noqa: E402 (tiny, mid, sd21, sd15, sdxl, sd35m, ...)
+from benchmarks.variants import VARIANTS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,10 @@ image and text features (OpenAI weights, float32). eval.json keeps the course's 
 """
 from __future__ import annotations
 
+from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest import exits 130 quietly
+
+interrupt_quietly(__name__)
+
 import argparse
 import functools
 import json
@@ -24,7 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from guidance.runfolder import RunFolder
-from utils import UserError, prompt_for_stem, prompt_to_filename, resolve_device, run_cli, save_json_atomic
+from utils import (UserError, file_write_problem, prompt_for_stem, prompt_to_filename, resolve_device, run_cli,
+                   save_json_atomic)
 
 CLIP_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
@@ -37,6 +42,7 @@ EVAL_FILENAME = "eval.json"
 METRICS = ("clip", "clip_direction", "lpips")
 EXTRA_KEYS = ("source_dir", "score", "metrics")  # eval.json keys that are not per-image CLIP scores
 LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"  # what lpips' AlexNet loads through torchvision
+LPIPS_BACKBONE_URL = f"https://download.pytorch.org/models/{LPIPS_BACKBONE}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,15 +117,15 @@ class LpipsMetric:
                 self.model = lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False)
             print("WARNING: --lpips_weights none: LPIPS has RANDOM weights (tests only)", file=sys.stderr)
         else:
+            from guidance.models import PROBE_SECONDS, reachable
+
             backbone = lpips_backbone_path()
+            if not backbone.is_file() and not reachable(LPIPS_BACKBONE_URL):  # fail now, not after a network timeout
+                raise _no_alexnet(backbone, f"no connection to download.pytorch.org within {PROBE_SECONDS:g} s")
             try:
                 self.model = lpips.LPIPS(net="alex", verbose=False)
             except (OSError, RuntimeError) as err:  # URLError is an OSError: offline, no cached AlexNet
-                raise UserError(
-                    f"LPIPS needs torchvision's AlexNet weights {backbone}, which are not on this machine and could "
-                    f"not be downloaded ({err.__class__.__name__}). Fix: copy {LPIPS_BACKBONE} there from a machine "
-                    f"with internet (python -c 'import torchvision; torchvision.models.alexnet(weights=\"DEFAULT\")'), "
-                    f"or drop lpips from --metrics") from None
+                raise _no_alexnet(backbone, err.__class__.__name__) from None
         self.model = self.model.to(device).eval()
 
     @torch.no_grad()
@@ -133,6 +139,13 @@ class LpipsMetric:
             return array.permute(2, 0, 1)[None].to(self.device)
 
         return [float(self.model(tensor(r, s.size), tensor(s, s.size))) for r, s in zip(results, sources)]
+
+
+def _no_alexnet(backbone: Path, reason: str) -> UserError:
+    return UserError(
+        f"LPIPS needs torchvision's AlexNet weights {backbone}, which are not on this machine and could not be "
+        f"downloaded ({reason}). Fix: copy {LPIPS_BACKBONE} there from a machine with internet (python -c 'import "
+        f"torchvision; torchvision.models.alexnet(weights=\"DEFAULT\")'), or drop lpips from --metrics")
 
 
 def scorer_choices() -> list[str]:
@@ -199,6 +212,9 @@ def _make_clip_scorer(device: torch.device, clip_pretrained) -> ClipScorer:
 
 def _download_tag(open_clip, tag: str, tag_cfg: dict) -> str:
     """Return the local path of the open_clip checkpoint for a pretrained tag (downloaded or cached)."""
+    from guidance.models import hub_offline
+
+    hub_offline()  # one quick probe: without a network the cached checkpoint loads at once, or the error comes at once
     try:
         path = open_clip.download_pretrained(tag_cfg)
     except Exception as err:  # network down, HF_HUB_OFFLINE=1 with an empty cache, proxy, disk full...
@@ -389,6 +405,7 @@ def evaluate_dir(fdir, scorer=None, prompts_file=None, task=None, device=None,
     if not names:
         raise UserError(f"no prompt-named PNGs in {fdir}: eval.py scores the *.png files directly in the folder, "
                         f"named after their prompt (e.g. A_cat_on_a_table.png)")
+    check_eval_json_writable(fdir)  # before the images are read and the scorer built, not after the scoring
     paths = [os.path.join(fdir, name) for name in names]
     # Read every image before paying for a model load. Scorers get them in the file's mode (RGB for all this
     # project writes): CLIP's preprocess resizes before it converts to RGB, and the course's numbers depend on it.
@@ -417,8 +434,25 @@ def evaluate_dir(fdir, scorer=None, prompts_file=None, task=None, device=None,
             else:
                 values = lpips_metric(str(resolve_device(device)), lpips_weights).distance(images, sources)
             result["metrics"][metric] = dict(zip(names, values), mean=sum(values) / len(values))
-    save_json_atomic(result, os.path.join(fdir, EVAL_FILENAME))
+    try:
+        save_json_atomic(result, os.path.join(fdir, EVAL_FILENAME))
+    except OSError as err:  # the folder changed since the check (or the disk filled up)
+        raise _unwritable(fdir, err.strerror or str(err)) from None
     return result
+
+
+def check_eval_json_writable(fdir: str) -> None:
+    """Raise UserError (one line) if FOLDER/eval.json cannot be written."""
+    problem = file_write_problem(os.path.join(fdir, EVAL_FILENAME))
+    if problem:
+        raise _unwritable(fdir, problem)
+
+
+def _unwritable(fdir: str, problem: str) -> UserError:
+    path = os.path.join(fdir, EVAL_FILENAME)
+    fix = "remove or rename that folder" if problem == "it is a folder" else \
+        "make the folder writable, or score a writable copy of it"
+    return UserError(f"cannot write {path} ({problem}): eval.py writes the scores beside the images; {fix}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,14 +11,18 @@ run (re-exported here as main.run), the model comes from guidance.load_model.
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest import exits 130 quietly
 
-from guidance.config import RunConfig
-from guidance.loop import (LOSS_READ_EVERY, LOSS_SCALE, RunResult, StepInfo, StopRequested,  # noqa: F401 (API)
+interrupt_quietly(__name__)
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from guidance.config import RunConfig  # noqa: E402
+from guidance.loop import (LOSS_READ_EVERY, LOSS_SCALE, RunResult, StepInfo, StopRequested,  # noqa: F401,E402 (API)
                            encode_then_free_text_encoders, initial_latents, run, write_progress_gif)
-from guidance.methods import METHODS, method_help
-from utils import CliParser, add_config_arguments, config_from_args, run_cli
+from guidance.methods import METHODS, method_help  # noqa: E402
+from utils import CliParser, add_config_arguments, config_from_args, run_cli  # noqa: E402
 
 # The course's settings per loss: (guidance scale, optimisation steps), read from the table.
 LOSS_DEFAULTS = {name: (m.guidance_scale, m.steps) for name, m in METHODS.items()}

@@ -12,6 +12,10 @@ an eval.json, a loss.csv) is drawn as a grey box or a line saying what is missin
 """
 from __future__ import annotations
 
+from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest import exits 130 quietly
+
+interrupt_quietly(__name__)
+
 import csv
 import json
 import math
@@ -24,7 +28,7 @@ from pathlib import Path
 from guidance.methods import METHODS, parse_task, task_method, task_order
 from guidance.models import world
 from guidance.runfolder import RunFolder
-from utils import CliParser, UserError, prompt_for_stem, run_cli
+from utils import CliParser, UserError, file_write_problem, prompt_for_stem, run_cli
 
 # Every method of the table, in the comparison's order: the reference sampler, generation (LoRA last), edits.
 TASKS = tuple(sorted(METHODS, key=task_order))
@@ -203,6 +207,11 @@ def _attach_scores(result: TaskResult, out: Path, eval_errors: dict) -> None:
         for run in runs:
             value = by_name.get(run.image.name)
             run.score = float(value) if isinstance(value, (int, float)) else None
+        unscored = [r.name for r in runs if r.score is None and r.image.is_file()]
+        if unscored:
+            result.notes.append(f"{len(unscored)} image(s) in {where} have no score in its eval.json ("
+                                + ", ".join(unscored[:3]) + (" ..." if len(unscored) > 3 else "")
+                                + f"): run `python eval.py --fdir1 {where}` again")
         score = evaluation.get("score")
         result.seed_scores[runs[0].seed] = float(score) if isinstance(score, (int, float)) else None
 
@@ -327,6 +336,20 @@ def _score_text(run: Run) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- pages
+def _scorer(manifest: dict, configs: list[dict]) -> str:
+    """Return what scored the images: run_all.json says; otherwise the runs' model tells (a toy world scores with its
+    own scorer, eval.py --scorer <world>; Stable Diffusion's images with CLIP)."""
+    if manifest.get("scorer"):
+        return str(manifest["scorer"])
+    models = {str(c["model"]) for c in configs if c.get("model")}
+    worlds = {m for m in models if world(m) is not None}
+    if len(models) == 1 and worlds:
+        return next(iter(worlds))
+    if models and not worlds:
+        return "CLIP ViT-B-32 (eval.py)"
+    return "unknown (no run_all.json" + (", runs of several models)" if models else " and no run records)")
+
+
 def title_page(report: Report):
     manifest = report.manifest
     page = Page("Score distillation report: " + " · ".join(t.task.upper() for t in report.tasks[:6])
@@ -334,7 +357,7 @@ def title_page(report: Report):
                 f"{report.out_dir.resolve()}   ·   written {time.strftime('%Y-%m-%d %H:%M')}")
     configs = [r.config for t in report.tasks for r in t.runs if r.config]
     model = manifest.get("model") or next((c.get("model") for c in configs), "?")
-    scorer = manifest.get("scorer", "CLIP ViT-B-32 (eval.py)")
+    scorer = _scorer(manifest, configs)
     device = next((c.get("device") for c in configs), "?")
     lines = [f"Model: {model}", f"Scorer: {scorer}", f"Prompts: {manifest.get('prompts_file', 'n/a')}",
              f"Device: {device}"]
@@ -730,16 +753,41 @@ def write_report(out_dir: str | Path, pdf_path: str | Path | None = None) -> Pat
     out = Path(out_dir)
     if not out.is_dir():
         raise UserError(f"{out} is not a folder: give the output folder of run_all.py (e.g. outputs/)")
+    given = pdf_path is not None
     pdf_path = Path(pdf_path) if pdf_path else out / "report.pdf"
+    report = collect(out)  # (reads small files only)
+    if not any(task.runs for task in report.tasks):
+        raise UserError(f"nothing to report in {out}: no {MANIFEST} and no runs in task folders ({', '.join(TASKS[:4])}"
+                        f", ...): give the output folder of run_all.py (e.g. outputs/)")
+    check_pdf_writable(pdf_path, given)  # before the pages are drawn
     buffer = io.BytesIO()
     with matplotlib.rc_context({"pdf.fonttype": 42, "font.size": FONT}):
-        figures = render(collect(out))
+        figures = render(report)
         with PdfPages(buffer, metadata={"Title": "Score distillation report", "Creator": "report.py"}) as pdf:
             for fig in figures:
                 pdf.savefig(fig)
                 plt.close(fig)
-    atomic_write_bytes(pdf_path, buffer.getvalue())
+    try:
+        atomic_write_bytes(pdf_path, buffer.getvalue())
+    except OSError as err:  # the folder changed since the check (or the disk filled up)
+        raise _unwritable(pdf_path, err.strerror or str(err), given) from None
     return pdf_path
+
+
+def check_pdf_writable(pdf_path: Path, given: bool) -> None:
+    """Raise UserError (one line) if the PDF cannot be written at pdf_path (given: named by --pdf)."""
+    problem = file_write_problem(pdf_path)
+    if problem:
+        raise _unwritable(pdf_path, problem, given)
+
+
+def _unwritable(pdf_path: Path, problem: str, given: bool) -> UserError:
+    if problem == "it is a folder":
+        return UserError(f"--pdf {pdf_path} is a folder: give a file name, e.g. --pdf {pdf_path / 'report.pdf'}"
+                         if given else f"cannot write {pdf_path}: it is a folder; remove or rename it, or give "
+                                       f"--pdf FILE")
+    return UserError(f"cannot write {pdf_path} ({problem}): " + ("choose another --pdf" if given else
+                                                                 "make the folder writable, or give --pdf FILE"))
 
 
 def main(argv=None) -> int:

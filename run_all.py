@@ -15,6 +15,10 @@ OUT/report.pdf, OUT/run_all.json (the settings and items the report reads) and O
 """
 from __future__ import annotations
 
+from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest import exits 130 quietly
+
+interrupt_quietly(__name__)
+
 import argparse
 import json
 import os
@@ -29,8 +33,8 @@ from guidance.config import RunConfig
 from guidance.methods import METHODS, OPTION_FLAGS, parse_task, task_method, task_order
 from guidance.models import world
 from guidance.runfolder import RunFolder, as_json
-from utils import (CliParser, UserError, add_config_arguments, config_from_args, prompt_to_filename, run_cli,
-                   save_json_atomic)
+from utils import (CliParser, UserError, add_config_arguments, check_writable_dir, config_from_args, prompt_to_filename,
+                   run_cli, save_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 # Every method of the table, in the order each process runs them: the course's three first, methods with a LoRA
@@ -148,6 +152,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RunConfig]:
         if getattr(base, dest) is not None and not any(dest in task_method(t).options for t in ours.tasks):
             owners = " / ".join(name for name, m in METHODS.items() if dest in m.options)
             raise UserError(f"--{dest} belongs to {owners}, which --tasks does not include: drop it or add the task")
+    check_writable_dir(ours.out, flag="--out", what="output folder")
     # Check the flags that all runs share now (e.g. --step 0), with a stand-in run of a generation task (a prompt the
     # model can draw: each entry's own prompt is checked with its run).
     probe = found.example[0] if found is not None else "probe"
@@ -263,7 +268,8 @@ class Batch:
         self.prefix = f"[p{process_index}] " if num_processes > 1 else ""
 
     def load_model(self, config: RunConfig):
-        """Return the batch's model, loading it (and encoding every prompt of the batch) on first need."""
+        """Return the batch's model, loading it (and encoding every prompt of the batch) on first need; run_share stops
+        the batch when this fails."""
         import main
 
         if self.model is None:
@@ -309,6 +315,9 @@ def run_share(batch: Batch, share: list[tuple[Item, RunConfig | None, str]], pro
             records.append(batch.record(item, "failed", message=error))
             continue
         print(f"{head} ...", flush=True)
+        # Outside the run's try: a model that cannot be loaded stops the batch at once, with one message (exit 2 for
+        # a UserError), instead of failing every run the same way.
+        batch.load_model(args)
         started = time.perf_counter()
         try:
             record = batch.run_one(item, args, progress)
@@ -354,7 +363,7 @@ def evaluate(ours: argparse.Namespace, base: RunConfig, items: list[Item], chang
     folders: dict[Path, tuple[str, list[str]]] = {}
     for item in items:
         folders.setdefault(item.save_dir, (item.task, []))[1].append(item.image_path.name)
-    scorer, results, evaluated = None, {}, False
+    scorer, scorer_error, results, evaluated = None, None, {}, False
     edit_metrics = edit_metrics_available(ours, base, device) if any(
         eval_task(task) == "edit" for task, _ in folders.values()) else []
     for folder, (task, names) in folders.items():
@@ -365,10 +374,17 @@ def evaluate(ours: argparse.Namespace, base: RunConfig, items: list[Item], chang
         if folder not in changed and eval_is_current(folder, names, metrics):
             results[folder] = None
             continue
+        if scorer_error is not None:  # the scorer is built once: its failure is every folder's, said once
+            results[folder] = scorer_error
+            continue
         try:
             if scorer is None:
                 kind = base.model if world(base.model) is not None else "clip"  # a toy world scores with its own
-                scorer = evaluation.make_scorer(kind, device=device, clip_pretrained=ours.clip_pretrained)
+                try:
+                    scorer = evaluation.make_scorer(kind, device=device, clip_pretrained=ours.clip_pretrained)
+                except UserError as err:
+                    scorer_error = str(err)
+                    raise
             # A scorer without image and text embeddings (the toy's) cannot give CLIP directions.
             metrics = tuple(m for m in metrics if m != "clip_direction" or hasattr(scorer, "direction"))
             result = evaluation.evaluate_dir(folder, scorer=scorer, prompts_file=ours.prompts, task=eval_task(task),
@@ -575,6 +591,8 @@ def main(argv=None) -> int:
         pending.append((item, args, ""))
         if is_main and why not in ("not run yet", "finished"):
             print(f"redo {item.label()}: {why}", flush=True)
+    if pending and any(args is not None for _, args, _ in pending):
+        check_model(base.model)  # every process, before any waits for another: a model that cannot be had fails here
     if is_main:
         update_manifest(out, ours, base, items, settings)
         if base.gif:
@@ -604,6 +622,16 @@ def main(argv=None) -> int:
     code = finish(ours, base, items, settings, records, len(done), device) if is_main else 0
     state.wait_for_everyone()  # the others exit only once the main process has written everything
     return code
+
+
+def check_model(model: str) -> None:
+    """Raise UserError (one paragraph) now if `model` cannot be had: an unknown name, an incomplete folder, a hub id
+    that is neither reachable nor in the cache (guidance/models.py reads only model_index.json; a world is always
+    there). Weights that fail to load later still stop the batch at the first failure (run_share)."""
+    if world(model) is None:
+        from guidance.models import resolve_model
+
+        resolve_model(model)
 
 
 def finish(ours, base, items: list[Item], settings: dict, records: list[dict], n_done: int, device) -> int:
@@ -640,17 +668,16 @@ def finish(ours, base, items: list[Item], settings: dict, records: list[dict], n
     print(f"{len(items)} runs: {len(finished_now)} done now, {n_done} already finished, {len(failed)} failed.")
     for r in failed:
         print(f"  FAILED {r['task']} seed {r['seed']} {r['name']}: {r['message']}", file=sys.stderr)
+    by_error: dict[str, list[str]] = {}  # a scorer that cannot be built fails every folder: one message
     for folder, err in eval_errors.items():
         if err:
-            print(f"  EVAL FAILED {folder}: {err}", file=sys.stderr)
+            by_error.setdefault(err, []).append(str(folder))
+    for err, folders in by_error.items():
+        print(f"  EVAL FAILED {', '.join(folders)}: {err}", file=sys.stderr)
     if reported:
         print(f"Report: {report_path}")
     return code
 
 
 if __name__ == "__main__":
-    try:
-        run_cli(main)
-    except KeyboardInterrupt:
-        print("\nInterrupted: finished runs are kept; run the same command again to resume.", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, interrupted="Interrupted: finished runs are kept; run the same command again to resume.")

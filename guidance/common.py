@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +69,15 @@ def resolve_precision(precision: str | torch.dtype) -> torch.dtype:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write data to path via a temporary file and rename, so readers never see a partial file."""
+    """Write data to path via a temporary file and rename, so readers never see a partial file.
+
+    The file gets the permissions any new file gets (0666 less the umask: 0644 under umask 022), not mkstemp's 0600:
+    the temporary file is created by os.open with mode 0666 and the kernel applies the umask, with no umask read
+    (os.umask changes the umask of every thread while it is read).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -82,6 +86,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _create_temp_file(path: Path) -> tuple[int, str]:
+    """Return (fd, name) of a new, uniquely named temporary file beside path, created with mode 0666 & ~umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name beside {path}")
 
 
 def save_image_atomic(img, path: str | os.PathLike) -> None:
@@ -120,6 +136,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(canvas, rgba).convert("RGB")
             return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{path} is too large to read as an image ({err}): give an image of at most "
+                        f"{Image.MAX_IMAGE_PIXELS:,} pixels, e.g. resized to 1024 px") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UserError(f"cannot read {path} as an image ({err.__class__.__name__}): "
                         f"give a PNG or JPEG file") from None
@@ -139,18 +158,49 @@ def torch_to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.round(array * 255.0).astype(np.uint8))
 
 
-def check_writable_dir(path: str | os.PathLike, flag: str = "--save_dir") -> Path:
+def check_writable_dir(path: str | os.PathLike, flag: str = "--save_dir", what: str = "save directory") -> Path:
     """Return path as a Path after creating it and proving a file can be written there (the error names `flag`)."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test_")
-        os.close(fd)
-        os.unlink(probe)
+        _make_folder(path)
+        _probe_write(path / ".write_test")
     except OSError as err:
-        raise UserError(f"cannot write to save directory {path} ({err.strerror or err}): "
-                        f"choose another {flag}") from None
+        raise UserError(f"cannot write to {what} {path} ({err.strerror or err}): choose another {flag}") from None
     return path
+
+
+def file_write_problem(path: str | os.PathLike) -> str | None:
+    """Return why a file cannot be written at path ('it is a folder', or the system's reason), or None if it can.
+
+    Creates the missing folders above path and writes (then removes) a probe file beside it, as the real atomic write
+    will: a script asks this before its expensive work, so that an unwritable target fails in milliseconds.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "it is a folder"
+    try:
+        _make_folder(path.parent)
+        _probe_write(path)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+def _make_folder(path: Path) -> None:
+    """Create path and its parents (OSError 'Not a directory' when one of them is a file, not 'File exists')."""
+    for above in (path, *path.parents):
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(above))
+            break
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _probe_write(path: Path) -> None:
+    """Create and remove a temporary file beside path (OSError when that folder cannot be written)."""
+    fd, probe = _create_temp_file(path)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int) -> LambdaLR:

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import socket
+import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -235,9 +240,83 @@ def _read_json(path: Path) -> dict | None:
                         f"again") from None
 
 
+# ----------------------------------------------------------------------------------------- is the hub there at all?
+PROBE_SECONDS = 2.0  # a connection to the hub that does not open within this is taken as no network
+_probed: dict[tuple[str, int], bool] = {}  # (host, port) -> reachable, once per process
+_offline_reason = ""  # why this process switched itself to offline mode (work_offline)
+
+
+def reachable(url: str, seconds: float = PROBE_SECONDS) -> bool:
+    """Return whether a TCP connection to url's host (or the proxy that the environment routes it through) opens
+    within `seconds`, name lookup included; the answer is kept for the process."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme or "https", parts.hostname or ""
+    port = parts.port or (443 if scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(scheme) or urllib.request.getproxies().get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname or "", proxy_parts.port or 80
+    if (host, port) not in _probed:
+        _probed[host, port] = _connects(host, port, seconds)
+    return _probed[host, port]
+
+
+def _connects(host: str, port: int, seconds: float) -> bool:
+    """Return whether a TCP connection to host:port opens within seconds (the name lookup runs on a thread of its
+    own, since getaddrinfo has no timeout and a broken resolver can take tens of seconds)."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(result and result[0])
+
+
+def hub_offline() -> bool:
+    """Return whether this process must work from the local cache: HF_HUB_OFFLINE=1 was set, or the hub cannot be
+    reached (one probe of HF_ENDPOINT), in which case the process switches to offline mode now.
+
+    Without this, an offline machine spends 25 s and more on huggingface_hub's retries before every failure; in
+    offline mode a model already in the cache loads at once, and one that is not fails at once.
+    """
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    if reachable(hub.ENDPOINT):
+        return False
+    work_offline(f"no connection to {urlsplit(hub.ENDPOINT).netloc or hub.ENDPOINT} within {PROBE_SECONDS:g} s")
+    return True
+
+
+def work_offline(reason: str) -> None:
+    """Make this process use the Hugging Face cache only, as HF_HUB_OFFLINE=1 does (set after the libraries read it);
+    `reason` is what the error for a model that is not in the cache will say."""
+    import huggingface_hub.constants as hub
+
+    global _offline_reason
+    hub.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub, transformers and diffusers' loaders
+    os.environ["HF_HUB_OFFLINE"] = "1"  # and by whatever reads the environment later
+    _offline_reason = reason
+
+
+def hub_unreachable_reason() -> str:
+    """Return why the hub is not used: the reason this process switched itself offline, or HF_HUB_OFFLINE=1."""
+    return _offline_reason or "HF_HUB_OFFLINE=1"
+
+
 def _hub_model_index(hub_id: str, name: str) -> dict:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError
+
+    hub_offline()  # one quick probe before the first hub call: no network means the cache, at once
 
     gated = any(f.gated and f.hub_id == hub_id for f in FAMILIES.values())
     try:
@@ -276,10 +355,16 @@ def _weights_unavailable(model: str, err: Exception, gated: bool = False) -> Use
         hub_id = FAMILIES[model].hub_id if model in FAMILIES else model
         moved += (f" {hub_id} is gated: accept its licence at https://huggingface.co/{hub_id} and log in with "
                   f"`hf auth login` first.")
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:  # what huggingface_hub says then ("... check your connection ...") adds nothing
+        why = (f"could not load Stable Diffusion weights from {model!r}: this machine works offline "
+               f"({hub_unreachable_reason()}) and they are not in its Hugging Face cache (or the id is wrong).")
+    else:
+        why = (f"could not load Stable Diffusion weights from {model!r} ({_first_line(err)}). Either this machine "
+               f"cannot reach the Hugging Face hub and the weights are not in its cache, or the id is wrong.")
     return UserError(
-        f"could not load Stable Diffusion weights from {model!r} ({_first_line(err)}). Either this machine cannot "
-        f"reach the Hugging Face hub (offline, or HF_HUB_OFFLINE=1) and the weights are not in its cache, or the id "
-        f"is wrong. Fix: download them where there is internet (`hf download {DEFAULT_MODEL} --local-dir "
+        f"{why} Fix: download them where there is internet (`hf download {DEFAULT_MODEL} --local-dir "
         f"sd21-base`), then pass that folder with --model sd21-base; or run an offline toy world: --model "
         f"{' or --model '.join(worlds())}."
         + moved)

@@ -145,13 +145,20 @@ def test_api_run_returns_the_final_image_file(client, server):
 
 
 def test_api_errors_are_one_line_and_the_server_goes_on(client, server):
-    image, status, _, _, _ = client.predict("a purple triangle", "sds", 20, 0, api_name="/run")
-    assert image is None and status.startswith("error: prompt 'a purple triangle' names 'purple', 'triangle'")
-    assert "Traceback" not in status and "\n" not in status
-    _, status, _, _, _ = client.predict("a red circle", "pds", 20, 0, "", None, api_name="/run")
-    assert status.startswith("error: ") and "--edit_prompt" in status and "\n" not in status, status
-    _, status, _, _, _ = client.predict("a red circle", "sds", 20, 0, guidance="lots", api_name="/run")
-    assert status.startswith("error: guidance 'lots' is not a number")
+    # An error reaches an API client as gradio_client's AppError carrying the page's one-line message.
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict("a purple triangle", "sds", 20, 0, api_name="/run")
+    message = str(info.value)
+    assert message.startswith("prompt 'a purple triangle' names 'purple', 'triangle'")
+    assert "Traceback" not in message and "\n" not in message
+    with pytest.raises(AppError) as info:
+        client.predict("a red circle", "pds", 20, 0, "", None, api_name="/run")
+    message = str(info.value)
+    assert "edit prompt" in message and "--" not in message and "\n" not in message, message  # the page's words
+    with pytest.raises(AppError, match="guidance 'lots' is not a number"):
+        client.predict("a red circle", "sds", 20, 0, guidance="lots", api_name="/run")
     image, status, _, _, panel = client.predict("a yellow circle", "sds", 100, 0, log_guidance=False, api_name="/run")
     assert status.startswith("finished") and nearest(image) == ("yellow", "circle")
     assert panel is None and not list(server[3].glob("*/a_yellow_circle/guidance"))  # diagnostics off
@@ -172,8 +179,10 @@ def test_api_compare_runs_each_method_on_the_same_prompt(client):
     assert status.splitlines()[-1] == "finished comparing sds, vsd"
     assert [item["caption"] for item in gallery] == ["sds · finished", "vsd · finished"]
     assert all(nearest(item["image"]) == ("blue", "square") for item in gallery)
-    _, status = client.predict("a blue square", ["sds", "pds", "vsd", "nfsd", "csd"], 10, 0, api_name="/compare")
-    assert status.startswith("error: choose one to 4 methods")
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="choose one to 4 methods"):
+        client.predict("a blue square", ["sds", "pds", "vsd", "nfsd", "csd"], 10, 0, api_name="/compare")
 
 
 # ----------------------------------------------------------------------------------------------- the browser
@@ -288,3 +297,22 @@ def test_browser_run_stop_and_error(server, browser, tmp_path):
     page.click("run")
     page.wait_for(lambda: "finished" in page.status(), 90, "'finished' after the error")
     assert nearest(page.result_bytes()) == ("red", "circle")
+
+
+def test_browser_compare_shows_every_tile_whole(server, browser):
+    """Two compared methods were shown as two tiles wider than the gallery is tall: only their top half was visible."""
+    page = Page(browser, server[0])
+    page.type("prompt", "a green circle")
+    page.type("steps", 60)
+    page.click("compare")
+    page.wait_for(lambda: "finished comparing" in (page.element("#compare_status textarea").get_attribute("value")
+                                                   or ""), 120, "'finished comparing'")
+    boxes = page.wait_for(lambda: browser.execute_script("""
+        const wrap = document.querySelector('#compare_result .grid-wrap').getBoundingClientRect();
+        const tiles = Array.from(document.querySelectorAll('#compare_result .grid-container img'));
+        return tiles.length ? tiles.map(img => { const r = img.getBoundingClientRect();
+            return [r.top - wrap.top, wrap.bottom - r.bottom, r.left - wrap.left, wrap.right - r.right,
+                    getComputedStyle(img).objectFit]; }) : null;"""), 30, "the compared images")
+    assert len(boxes) == 2
+    for *margins, fit in boxes:  # each image inside the gallery's visible box, drawn whole (contain)
+        assert min(margins) >= -1 and fit == "contain", boxes

@@ -124,3 +124,13 @@ def test_the_app_refuses_what_main_refuses(tmp_path):
         runner.make_args("a photo of a cat", "sds", 10, 0, model="toy")
     with pytest.raises(UserError, match="must be a finite number"):
         runner.make_args("a red circle", "sds", 10, 0, model="toy", guidance=str(math.inf))
+
+
+def test_a_source_image_too_large_to_decode_is_one_line(tmp_path, capsys, monkeypatch):
+    """PIL refuses a 400 M pixel image as a decompression bomb: that is the user's file, not our bug."""
+    monkeypatch.setattr(main, "build_model", lambda config: pytest.fail("a model was loaded"))
+    huge = tmp_path / "huge.png"
+    Image.new("1", (20000, 20000)).save(huge)  # 400 M pixels in 1 bit: a few MB to write, 1.2 GB to decode as RGB
+    code, _, err = cli(TOY + ["--prompt", "a red circle", "--edit_prompt", "a blue circle", "--src_img_path",
+                              str(huge), "--loss_type", "pds", "--save_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "too large to read as an image" in err and len(err.strip().splitlines()) == 1

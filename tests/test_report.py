@@ -193,8 +193,10 @@ def test_course_folder_without_manifest_or_eval(tmp_path):
 
 
 def test_empty_or_wrong_folder(tmp_path):
-    pdf = report.write_report(tmp_path)
-    assert pdf.read_bytes().startswith(b"%PDF")
+    # Nothing to report is an error, not a PDF that says "nothing to report" beside "every image present and scored".
+    with pytest.raises(UserError, match="nothing to report in"):
+        report.write_report(tmp_path)
+    assert not (tmp_path / "report.pdf").exists()
     with pytest.raises(UserError, match="is not a folder"):
         report.write_report(tmp_path / "nope")
 
