@@ -61,6 +61,7 @@ SHUTDOWN_SECONDS = 60  # on Ctrl-C / SIGTERM, how long a run in progress gets to
 LOSS_POINTS = 400  # the loss curve is drawn from at most this many points
 LOSS_AXIS = "log10 loss"
 MAX_COMPARE = 4
+APP_MESHES = ("box", "sphere")  # what --generator mesh paints from the page (a file of one's own: main.py --mesh)
 # The example a Stable Diffusion page starts with (a toy world's page starts with its world's own example).
 SD_EXAMPLE = ("A castle next to a river", "A rainbow castle next to a river",
               REPO / "data" / "imgs" / "A_castle_next_to_a_river.png")
@@ -139,7 +140,7 @@ class Runner:
 
     # -- arguments and model
     def make_args(self, prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
-                  generator=None, log_guidance=True, save_dir=None):
+                  generator=None, log_guidance=True, save_dir=None, mesh=None):
         """Return the resolved run configuration of one run from what a page or an API client sent (any JSON value
         may arrive): UserError, phrased for the page, for anything this server or main.py would refuse."""
         from guidance.config import RunConfig
@@ -166,12 +167,16 @@ class Runner:
         generators, default_generator = generator_choices()
         if not _blank(generator) and generator not in generators:
             raise UserError(f"unknown generator {generator!r}: choose one of {', '.join(generators)}")
+        if generator == "mesh" and not _blank(mesh) and mesh not in APP_MESHES:
+            raise UserError(f"the page paints the built-in {' or '.join(APP_MESHES)} (main.py --mesh paints your "
+                            f"own mesh file)")
         config = RunConfig(
             prompt=_prompt(prompt, "prompt"), loss_type=method, model=model, step=steps,
             seed=0 if _blank(seed) else _whole(seed, "seed"),
             guidance_scale=None if _blank(guidance) else _number(guidance, "guidance"),
             edit_prompt=_prompt(edit_prompt, "edit prompt") or None if edits else None,
             src_img_path=source_image(source) if edits else None, generator=generator or default_generator,
+            mesh=(mesh if not _blank(mesh) else APP_MESHES[0]) if generator == "mesh" else None,
             device=self.device, precision=self.precision, tensorboard=self.tensorboard,
             save_dir=str(save_dir or self.new_save_dir()))
         config.log_guidance = _switch(log_guidance, "show what the guidance sees") and config.log_step > 0
@@ -476,6 +481,13 @@ def newest_panel(config) -> str | None:
     return str(panels[-1]) if panels else None
 
 
+def three_d_outputs(result) -> tuple[str | None, str | None]:
+    """Return (the run's mesh, .glb, for the 3D viewer; its turntable GIF), each None when the run made none."""
+    mesh = result.image_path.with_suffix(".glb")
+    gif = result.run_dir / "turntable.gif"
+    return (str(mesh) if mesh.is_file() else None), (str(gif) if gif.is_file() else None)
+
+
 def zip_run(result) -> Path:
     """Return a zip of the run's folder, written beside it (<save_dir>/<name>.zip)."""
     base = result.run_dir.parent / result.run_dir.name
@@ -503,29 +515,33 @@ class Handlers:
                 gr.update(value=min(info.steps, self.runner.max_steps or info.steps)))
 
     def run(self, prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
-            generator=None, log_guidance=True, request=None):
-        """Run one method; stream (image, status, loss curve, downloads, newest guidance panel)."""
+            generator=None, log_guidance=True, mesh=None, request=None):
+        """Run one method; stream (image, status, loss curve, downloads, newest guidance panel, and for a 3D
+        generator the mesh for the 3D viewer and the turntable GIF)."""
         try:
             args = self.runner.make_args(prompt, method, steps, seed, edit_prompt, source, guidance, model, generator,
-                                         log_guidance)
+                                         log_guidance, mesh=mesh)
         except Exception as err:  # noqa: BLE001
             status = describe_error(err)
-            yield None, status, loss_frame([]), None, None
+            yield None, status, loss_frame([]), None, None, None, None
             raise page_error(status) from None
-        yield None, f"starting {method} with {args.model} ({args.step} steps)", loss_frame([]), None, None
+        yield None, f"starting {method} with {args.model} ({args.step} steps)", loss_frame([]), None, None, None, None
         for event in self.runner.stream(args, self.session_of(request)):
             if event[0] == "progress":
                 _, step, total, t, losses, image = event
                 yield (image, progress_text(method, step, total, t, losses), loss_frame(losses), None,
-                       newest_panel(args))
+                       newest_panel(args), None, None)
             elif event[0] == "error":
-                yield None, event[1], loss_frame([]), None, None
+                yield None, event[1], loss_frame([]), None, None, None, None
                 raise page_error(event[1])
             else:
                 result = event[1]
-                files = [str(result.image_path), str(zip_run(result))]
+                mesh, gif = three_d_outputs(result)
+                meshes = [str(p) for p in (result.image_path.with_suffix(s) for s in (".glb", ".obj", ".mtl"))
+                          if p.is_file()]
+                files = [str(result.image_path), *meshes, str(zip_run(result))]
                 yield (str(result.image_path), result_text(result), loss_frame(result.losses), files,
-                       newest_panel(args))
+                       newest_panel(args), mesh, gif)
 
     def compare(self, prompt, chosen, steps, seed, edit_prompt=None, source=None, guidance=None, model=None,
                 generator=None, log_guidance=True, request=None):
@@ -614,6 +630,7 @@ def layout(model: str, model_choices: list[str], any_model: bool, step_limit: in
     methods, generators = loss_types(), generator_choices()
     first = "sds" if "sds" in methods else methods[0]
     example_prompt, example_edit, source_default = example_for(model)
+    source_default = source_default or Path()  # a world without edit sources (toy3d) starts with none
     ui = {}
     with gr.Blocks(title="Score distillation: watch it work",
                    delete_cache=(CACHE_SWEEP_SECONDS, CACHE_MAX_AGE_SECONDS)) as page:
@@ -641,6 +658,8 @@ def layout(model: str, model_choices: list[str], any_model: bool, step_limit: in
                     ui["seed"] = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 ui["generator"] = gr.Dropdown(generators[0], label="Generator", value=generators[1],
                                               elem_id="generator")
+                ui["mesh"] = gr.Dropdown(list(APP_MESHES), value=APP_MESHES[0], label="Mesh to paint (built in)",
+                                         elem_id="mesh", visible=False)
                 ui["log_guidance"] = gr.Checkbox(value=True, label="Show what the guidance sees (x_t, x0_hat, |grad|)",
                                                  elem_id="log_guidance")
                 with gr.Row():
@@ -655,8 +674,13 @@ def layout(model: str, model_choices: list[str], any_model: bool, step_limit: in
                 ui["guidance_panel"] = gr.Image(
                     label="What the guidance sees (every 25 steps): x · x_t · x0_hat (where the guidance points) · "
                           "|grad|", elem_id="guidance_panel", format="png", interactive=False, height=170)
-                ui["downloads"] = gr.File(label="Downloads: the PNG and the run folder (zip)", file_count="multiple",
-                                          elem_id="downloads", interactive=False)
+                ui["downloads"] = gr.File(label="Downloads: the PNG (and mesh) and the run folder (zip)",
+                                          file_count="multiple", elem_id="downloads", interactive=False)
+                with gr.Row():  # a 3D generator's (nerf, mesh) mesh and turntable, once its run has finished
+                    ui["model3d"] = gr.Model3D(label="The mesh (nerf, mesh generators)", elem_id="model3d",
+                                               height=280, interactive=False)
+                    ui["turntable"] = gr.Image(label="Turntable", elem_id="turntable", format="gif",
+                                               interactive=False, height=280)
         with gr.Accordion("Compare methods: same prompt and seed, side by side", open=True):
             with gr.Row():
                 ui["compare_methods"] = gr.CheckboxGroup(methods, value=[m for m in ("sds", "vsd") if m in methods],
@@ -676,9 +700,9 @@ def wire(page, ui: dict, handlers: Handlers) -> None:
     import gradio as gr
 
     def run(prompt, method, steps, seed, edit_prompt=None, source=None, guidance=None, model=None, generator=None,
-            log_guidance=True, request: gr.Request = None):
+            log_guidance=True, mesh=None, request: gr.Request = None):
         yield from handlers.run(prompt, method, steps, seed, edit_prompt, source, guidance, model, generator,
-                                log_guidance, request)
+                                log_guidance, mesh, request)
 
     def compare(prompt, chosen, steps, seed, edit_prompt=None, source=None, guidance=None, model=None, generator=None,
                 log_guidance=True, request: gr.Request = None):
@@ -695,8 +719,11 @@ def wire(page, ui: dict, handlers: Handlers) -> None:
         # preprocess=False: the handlers get what the client sent, unconverted, and check every value themselves, so
         # that a bad one (seed "x", 1.5, a text file named .png, a 20000 x 20000 PNG) is a message the client and
         # the page receive, not an error inside Gradio's conversion (which they see as a bare "Error").
-        ui["run"].click(run, [ui["prompt"], ui["method"], ui["steps"], ui["seed"], *common],
-                        [ui["result"], ui["status"], ui["loss"], ui["downloads"], ui["guidance_panel"]],
+        ui["generator"].change(lambda generator: gr.update(visible=generator == "mesh"), ui["generator"],
+                               ui["mesh"], api_visibility="private")
+        ui["run"].click(run, [ui["prompt"], ui["method"], ui["steps"], ui["seed"], *common, ui["mesh"]],
+                        [ui["result"], ui["status"], ui["loss"], ui["downloads"], ui["guidance_panel"],
+                         ui["model3d"], ui["turntable"]],
                         api_name="run", concurrency_id="model", concurrency_limit=1, preprocess=False)
         ui["compare"].click(compare, [ui["prompt"], ui["compare_methods"], ui["steps"], ui["seed"], *common],
                             [ui["compare_result"], ui["compare_status"]], api_name="compare", concurrency_id="model",

@@ -126,7 +126,9 @@ def test_method_choices_are_main_pys():
 
 
 def test_api_run_returns_the_final_image_file(client, server):
-    image, status, _, downloads, panel = client.predict("a green square", "sds", 150, 1, api_name="/run")
+    image, status, _, downloads, panel, mesh, turntable = client.predict("a green square", "sds", 150, 1,
+                                                                         api_name="/run")
+    assert mesh is None and turntable is None  # an image generator: no mesh, no turntable
     assert status.startswith("finished: 150 steps"), status
     from guidance.diagnostics import split_panel
 
@@ -159,7 +161,8 @@ def test_api_errors_are_one_line_and_the_server_goes_on(client, server):
     assert "edit prompt" in message and "--" not in message and "\n" not in message, message  # the page's words
     with pytest.raises(AppError, match="guidance 'lots' is not a number"):
         client.predict("a red circle", "sds", 20, 0, guidance="lots", api_name="/run")
-    image, status, _, _, panel = client.predict("a yellow circle", "sds", 100, 0, log_guidance=False, api_name="/run")
+    image, status, _, _, panel, *_ = client.predict("a yellow circle", "sds", 100, 0, log_guidance=False,
+                                                    api_name="/run")
     assert status.startswith("finished") and nearest(image) == ("yellow", "circle")
     assert panel is None and not list(server[3].glob("*/a_yellow_circle/guidance"))  # diagnostics off
 
@@ -316,3 +319,19 @@ def test_browser_compare_shows_every_tile_whole(server, browser):
     assert len(boxes) == 2
     for *margins, fit in boxes:  # each image inside the gallery's visible box, drawn whole (contain)
         assert min(margins) >= -1 and fit == "contain", boxes
+
+
+def test_api_run_of_a_3d_generator_shows_its_mesh_and_turntable(client):
+    """nerf and mesh in the toy 3D world from the page's API: the GLB for the 3D viewer, the turntable GIF, and the
+    meshes among the downloads (last in this file: it makes the server load a second model)."""
+    for generator, steps in (("nerf", 30), ("mesh", 10)):
+        image, status, _, downloads, _, mesh, turntable = client.predict(
+            "a blue sphere", "sds", steps, 0, model="toy3d", generator=generator, log_guidance=False, mesh="sphere",
+            api_name="/run")
+        assert status.startswith(f"finished: {steps} steps"), status
+        assert Path(mesh).suffix == ".glb" and Path(turntable).suffix == ".gif", (mesh, turntable)
+        import trimesh
+
+        assert len(trimesh.load(mesh, force="mesh").faces) > 0
+        assert {Path(p).suffix for p in downloads} >= {".png", ".glb", ".obj", ".zip"}
+        assert Image.open(turntable).n_frames == 60
