@@ -32,6 +32,12 @@ def setting(default=None, help: str = "", result: bool = True, **cli):
     return field(default=default, metadata={"help": help, "result": result, "cli": cli})
 
 
+def default_save_dir(loss_type: str, generator: str = "latent") -> Path:
+    """Return the folder a run writes to without --save_dir: outputs/<loss_type> (the course's layout, what
+    eval.py --fdir1 outputs/sds scores), outputs/<loss_type>_<generator> for a generator other than the latents."""
+    return Path("outputs") / (loss_type if generator == "latent" else f"{loss_type}_{generator}")
+
+
 def _per_method(attribute: str, fmt: str = "{}", skip=None) -> str:
     return ", ".join(f"{name} {fmt.format(getattr(m, attribute))}" for name, m in METHODS.items()
                      if skip is None or getattr(m, attribute) != skip)
@@ -54,7 +60,8 @@ class RunConfig(_MethodOptions):
     edit_prompt: str | None = setting(None, "editing methods (pds, dds, sds_edit): the target prompt")
     src_img_path: str | None = setting(None, "editing methods (pds, dds, sds_edit): the source image")
     save_dir: str | None = setting(None, "where the result and its run folder are written (default outputs/<loss_type>, "
-                                         "the course's layout: eval.py --fdir1 outputs/sds)", result=False)
+                                         "the course's layout: eval.py --fdir1 outputs/sds; outputs/<loss_type>_"
+                                         "<generator> for the other generators)", result=False)
     overwrite: bool = setting(False, "replace a finished result made with other settings (without it, such a run "
                                      "stops before it starts and says where the result is)", result=False)
     loss_type: str = setting("sds", "the method (see the list above)", choices=LOSS_TYPES)
@@ -194,7 +201,7 @@ class RunConfig(_MethodOptions):
         method = config.method
         if not config.prompt or not config.prompt.strip():
             raise UserError("--prompt is empty: give the text to distil, e.g. --prompt \"A castle next to a river\"")
-        defaults = {"save_dir": str(Path("outputs") / config.loss_type),
+        defaults = {"save_dir": str(default_save_dir(config.loss_type, config.generator)),
                     "negative_prompt": method.negative_prompt, "guidance_scale": method.guidance_scale,
                     "step": method.steps, "weighting": method.weighting, "t_schedule": method.t_schedule,
                     "t_range": method.t_range}

@@ -224,9 +224,11 @@ class RunFolder:
         changed = [name for name in result_fields if as_json(previous.get(name)) != as_json(record.get(name))]
         if changed:
             what = ", ".join(f"{k} {previous.get(k)!r} -> {record.get(k)!r}" for k in changed[:4])
+            part = filename_part(record.get(changed[0]))
+            base = self.save_dir.resolve() if self.save_dir.name in ("", ".", "..") else self.save_dir
+            other = base.with_name(f"{base.name}_{part}") if base.name else base / part
             raise UserError(f"{self.image} is the finished result of another run ({what}): this run would replace "
-                            f"it. Choose another --save_dir (e.g. {self.save_dir / str(record.get('loss_type', 'new'))}) "
-                            f"or pass --overwrite to replace it")
+                            f"it. Choose another --save_dir (e.g. {other}) or pass --overwrite to replace it")
 
     def clear(self) -> None:
         """Remove an earlier run's files here (its folder and its artefacts beside it), before a new run writes."""
@@ -234,6 +236,12 @@ class RunFolder:
             path.unlink()
         if self.dir.is_dir():
             shutil.rmtree(self.dir)
+
+
+def filename_part(value) -> str:
+    """Return a short, plain file-name piece naming a setting's value (for suggesting another folder)."""
+    text = "_".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_.")[:40] or "new"
 
 
 def as_json(value):

@@ -37,16 +37,21 @@ def test_sds_then_vsd_into_one_folder_loses_nothing(tmp_path, capsys):
     vsd = TOY + ["--prompt", "a red circle", "--loss_type", "vsd", "--step", "20", "--save_dir", str(tmp_path)]
     code, _, err = cli(vsd, capsys)
     assert code == 2 and "--overwrite" in err and "loss_type 'sds' -> 'vsd'" in err and len(err.splitlines()) == 1
+    assert f"e.g. {tmp_path.with_name(tmp_path.name + '_vsd')})" in err  # a folder named for what changed
     assert pixels(tmp_path / "a_red_circle.png") == before  # the SDS result is untouched
     assert json.loads((tmp_path / "a_red_circle" / "run_config.json").read_text())["loss_type"] == "sds"
 
 
 def test_the_default_folder_is_the_methods_own(tmp_path, capsys, monkeypatch):
+    """The README's commands in order: methods, then generators, of one prompt each land in their own folder."""
     monkeypatch.chdir(tmp_path)
     for method in ("sds", "vsd"):
         assert cli(TOY + ["--prompt", "a red circle", "--loss_type", method, "--step", "10"], capsys)[0] == 0
-    assert (tmp_path / "outputs" / "sds" / "a_red_circle.png").is_file()
-    assert (tmp_path / "outputs" / "vsd" / "a_red_circle.png").is_file()
+    for generator in ("pixels", "gaussians"):
+        assert cli(TOY + ["--prompt", "a red circle", "--generator", generator, "--step", "10"], capsys)[0] == 0
+    for folder in ("sds", "vsd", "sds_pixels", "sds_gaussians"):
+        record = json.loads((tmp_path / "outputs" / folder / "a_red_circle" / "run_config.json").read_text())
+        assert (tmp_path / "outputs" / folder / "a_red_circle.png").is_file() and record["status"] == "finished"
 
 
 def test_overwrite_replaces_and_leaves_nothing_of_the_earlier_run(tmp_path, capsys):
