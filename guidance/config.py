@@ -84,7 +84,8 @@ class RunConfig(_MethodOptions):
                                        "run", result=False)
     seed: int = setting(0, "random seed, 0 <= seed < 2^63", type=int)
     weighting: str | None = setting(None, "w(t); default: the method's paper weighting (" + _per_method("weighting")
-                                    + ")", choices=WEIGHTINGS)
+                                    + "; in the toy 3D world sigma_over_alpha where this says uniform)",
+                                    choices=WEIGHTINGS)
     t_schedule: str | None = setting(None, "timestep per step: random (uniform), linear (max to min over the run), "
                                            "anneal (uniform under a falling max); default per method: "
                                      + _per_method("t_schedule", skip="random") + ", else random",
@@ -203,7 +204,7 @@ class RunConfig(_MethodOptions):
             raise UserError("--prompt is empty: give the text to distil, e.g. --prompt \"A castle next to a river\"")
         defaults = {"save_dir": str(default_save_dir(config.loss_type, config.generator)),
                     "negative_prompt": method.negative_prompt, "guidance_scale": method.guidance_scale,
-                    "step": method.steps, "weighting": method.weighting, "t_schedule": method.t_schedule,
+                    "step": method.steps, "weighting": config._default_weighting(), "t_schedule": method.t_schedule,
                     "t_range": method.t_range}
         for name, default in defaults.items():
             if getattr(config, name) is None:
@@ -215,6 +216,16 @@ class RunConfig(_MethodOptions):
         config._check_timesteps()
         config._check_environment()
         return config
+
+    def _default_weighting(self) -> str:
+        """Return the method's weighting, except that a world's own (toy3d's sigma_over_alpha) replaces the course's
+        'uniform': a method whose paper gives its weighting keeps it everywhere."""
+        from guidance.models import world
+
+        weighting = self.method.weighting
+        if weighting == "uniform":
+            return getattr(world(self.model), "default_weighting", None) or weighting
+        return weighting
 
     def _fill_method_options(self) -> None:
         """Set each method option to its value or the method's default; an option of another method is an error."""

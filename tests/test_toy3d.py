@@ -171,3 +171,18 @@ def test_every_loss_runs_in_the_toy_3d_world_with_one_cond_row_per_view(small):
     small.get_sds_loss(latents, embeddings, guidance_scale=1.0, t=50, noise=torch.zeros_like(latents))
     pull = small.last_guidance["grad"].abs().mean((1, 2, 3))
     assert pull[1] > 10 * pull[0]
+
+
+def test_the_worlds_weighting_replaces_the_courses_uniform_only():
+    """toy3d's sigma_over_alpha is what its results were measured with (main.py's 500-step fronted cube: eval.py
+    0.92 against 0.01 under 'uniform'); methods whose papers give a weighting keep theirs; the 2D toy keeps uniform."""
+    from guidance.config import RunConfig
+
+    def weighting(model, method, **flags):
+        return RunConfig(prompt="a red cube", model=model, loss_type=method, generator="nerf" if model == "toy3d"
+                         else "latent", **flags).resolved().weighting
+
+    assert weighting("toy3d", "sds") == weighting("toy3d", "vsd") == "sigma_over_alpha"
+    assert weighting("toy3d", "nfsd") == "dreamfusion" and weighting("toy3d", "ism") == "sigma_over_alpha"
+    assert weighting("toy3d", "sds", weighting="uniform") == "uniform"  # a flag still wins
+    assert RunConfig(prompt="a red circle", model="toy", loss_type="sds").resolved().weighting == "uniform"
