@@ -378,6 +378,29 @@ class DistillationCore:
                 for layer in layers:
                     layer.enable_adapters(True)
 
+    def lora_state(self) -> dict | None:
+        """Return VSD's LoRA as a checkpoint keeps it (its weights, camera embedding and optimiser), None without one."""
+        if self.lora_optimizer is None:
+            return None
+        return {"parameters": [p.detach().clone() for p in self.lora_parameters],
+                "camera": self.lora_camera is not None, "optimizer": self.lora_optimizer.state_dict()}
+
+    def load_lora_state(self, state: dict | None) -> None:
+        """Make VSD's LoRA what lora_state() returned (None: no LoRA yet, as in a new process)."""
+        self.reset_lora()
+        if state is None:
+            return
+        self.enable_lora()
+        if state["camera"]:
+            self._enable_lora_camera()
+        if len(state["parameters"]) != len(self.lora_parameters):
+            raise UserError(f"--resume: the checkpoint's LoRA has {len(state['parameters'])} tensors, this model's "
+                            f"{len(self.lora_parameters)}: resume with the model and --lora_rank it was made with")
+        with torch.no_grad():
+            for p, saved in zip(self.lora_parameters, state["parameters"]):
+                p.copy_(saved)
+        self.lora_optimizer.load_state_dict(state["optimizer"])
+
     def reset_lora(self) -> None:
         """Remove the VSD LoRA and its optimizer: the next VSD loss adds a fresh one, as in a new process."""
         if self.lora_optimizer is None:

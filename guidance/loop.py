@@ -192,13 +192,15 @@ class RunState:
         return loss
 
     def checkpoint(self, steps_done: int, losses: list) -> Path:
-        """Save theta, the optimiser, the schedule and the random streams to <run>/<generator>.pt; return the path."""
+        """Save theta, the optimiser, the schedule, the random streams and VSD's LoRA to <run>/<generator>.pt; return
+        the path."""
         import io
 
         state = {"generator": self.generator.checkpoint(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "steps_done": steps_done, "losses": list(losses),
                  "record": self.config.to_record(), "torch_rng": torch.get_rng_state(),
-                 "camera_rng": self.sample_view.generator.get_state(), "generator_rng": self.generator.rng.get_state()}
+                 "camera_rng": self.sample_view.generator.get_state(), "generator_rng": self.generator.rng.get_state(),
+                 "lora": self.model.lora_state()}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         path = self.folder.path(f"{self.generator.name}.pt")
@@ -221,6 +223,7 @@ class RunState:
         self.generator.restore(saved["generator"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.model.load_lora_state(saved.get("lora"))  # before the random streams: a new LoRA draws its init
         torch.set_rng_state(saved["torch_rng"])
         self.sample_view.generator.set_state(saved["camera_rng"])
         self.generator.rng.set_state(saved["generator_rng"])

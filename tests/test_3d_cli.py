@@ -80,10 +80,12 @@ def test_the_yellow_front_is_seen_from_the_front_only(cube_run):
     assert max(back) < 0.05
 
 
-def test_resume_goes_on_exactly_where_the_checkpoint_stopped(tmp_path, capsys):
-    """A run interrupted after its checkpoint at step 10 and resumed from it ends as an uninterrupted run does."""
+@pytest.mark.parametrize("method", ["sds", "vsd"])
+def test_resume_goes_on_exactly_where_the_checkpoint_stopped(tmp_path, capsys, method):
+    """A run interrupted after its checkpoint at step 10 and resumed from it ends as an uninterrupted run does (VSD:
+    its LoRA, camera embedding and their optimiser come back with theta)."""
     base = ["--model", "toy3d", "--generator", "nerf", "--prompt", "a blue sphere", "--step", "20", "--log_step", "0",
-            "--checkpoint_every", "10", "--turntable_frames", "2"]
+            "--checkpoint_every", "10", "--turntable_frames", "2", "--loss_type", method]
     assert cli(base + ["--save_dir", str(tmp_path / "straight")], capsys)[0] == 0
     straight = json.loads((tmp_path / "straight" / "a_blue_sphere" / "run_config.json").read_text())
 
