@@ -82,3 +82,18 @@ def loaded(folders):
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def cli(capsys):
+    """Return main.py's command line run in-process: cli(argv) -> (exit code, stdout, stderr)."""
+    import main
+    from utils import run_cli
+
+    def call(argv) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exc:
+            run_cli(lambda: main.main(argv))
+        out, err = capsys.readouterr()
+        return exc.value.code, out, err
+
+    return call

@@ -11,19 +11,10 @@ from PIL import Image
 
 import guidance.loop
 import main
-from guidance.cameras import Camera, camera_from_c2w
-from utils import run_cli
+from guidance.cameras import camera_from_c2w
 
 CUBE = "a red cube with a yellow front"
 YELLOW = np.array([1.0, 1.0, 0.2])
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    """Return (exit code, stdout, stderr) of main.py's command line run in-process."""
-    with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: main.main(argv))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def yellow_fraction(frame: Path) -> float:
@@ -81,12 +72,12 @@ def test_the_yellow_front_is_seen_from_the_front_only(cube_run):
 
 
 @pytest.mark.parametrize("method", ["sds", "vsd"])
-def test_resume_goes_on_exactly_where_the_checkpoint_stopped(tmp_path, capsys, method):
+def test_resume_goes_on_exactly_where_the_checkpoint_stopped(tmp_path, cli, method):
     """A run interrupted after its checkpoint at step 10 and resumed from it ends as an uninterrupted run does (VSD:
     its LoRA, camera embedding and their optimiser come back with theta)."""
     base = ["--model", "toy3d", "--generator", "nerf", "--prompt", "a blue sphere", "--step", "20", "--log_step", "0",
             "--checkpoint_every", "10", "--turntable_frames", "2", "--loss_type", method]
-    assert cli(base + ["--save_dir", str(tmp_path / "straight")], capsys)[0] == 0
+    assert cli(base + ["--save_dir", str(tmp_path / "straight")])[0] == 0
     straight = json.loads((tmp_path / "straight" / "a_blue_sphere" / "run_config.json").read_text())
 
     config = main.parse_args(base + ["--save_dir", str(tmp_path / "cut")])
@@ -96,7 +87,7 @@ def test_resume_goes_on_exactly_where_the_checkpoint_stopped(tmp_path, capsys, m
     assert result.status == "interrupted" and result.steps_done == 15
     checkpoint = tmp_path / "cut" / "a_blue_sphere" / "nerf.pt"
     assert torch.load(checkpoint, weights_only=False)["steps_done"] == 10
-    assert cli(base + ["--save_dir", str(tmp_path / "cut"), "--resume", str(checkpoint)], capsys)[0] == 0
+    assert cli(base + ["--save_dir", str(tmp_path / "cut"), "--resume", str(checkpoint)])[0] == 0
     resumed = json.loads((tmp_path / "cut" / "a_blue_sphere" / "run_config.json").read_text())
     losses = [np.loadtxt(tmp_path / d / "a_blue_sphere" / "loss.csv", delimiter=",", skiprows=1)[:, 1]
               for d in ("straight", "cut")]
@@ -104,12 +95,11 @@ def test_resume_goes_on_exactly_where_the_checkpoint_stopped(tmp_path, capsys, m
     assert resumed["steps_done"] == straight["steps_done"] == 20
     assert resumed["max_abs"] == pytest.approx(straight["max_abs"], rel=1e-5)
 
-    code, _, err = cli(base + ["--save_dir", str(tmp_path / "other"), "--resume", str(checkpoint), "--lr", "0.05"],
-                       capsys)
+    code, _, err = cli(base + ["--save_dir", str(tmp_path / "other"), "--resume", str(checkpoint), "--lr", "0.05"])
     assert code == 2 and "another run" in err and "lr 0.1" in err
 
 
-def test_a_nan_keeps_the_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
+def test_a_nan_keeps_the_last_finite_checkpoint(tmp_path, cli, monkeypatch):
     real = guidance.loop.RunState.loss
 
     def nan_at_step_13(self, latents, step, view):
@@ -119,7 +109,7 @@ def test_a_nan_keeps_the_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(guidance.loop.RunState, "loss", nan_at_step_13)
     argv = ["--model", "toy3d", "--generator", "nerf", "--prompt", "a blue sphere", "--step", "20", "--log_step", "0",
             "--checkpoint_every", "5", "--turntable_frames", "2", "--save_dir", str(tmp_path)]
-    code, _, err = cli(argv, capsys)
+    code, _, err = cli(argv)
     assert code == 1 and "NaN" in err
     saved = torch.load(tmp_path / "a_blue_sphere" / "nerf.pt", weights_only=False)
     assert saved["steps_done"] == 10 and all(torch.isfinite(v).all() for v in saved["generator"]["field"].values())
@@ -137,14 +127,14 @@ def test_a_nan_keeps_the_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
     (["--views_per_step", "0"], "--views_per_step 0"),
     (["--resume", "no/such/nerf.pt"], "no such checkpoint"),
 ])
-def test_bad_3d_input_is_one_line_exit_2_before_the_model(tmp_path, capsys, monkeypatch, flags, words):
+def test_bad_3d_input_is_one_line_exit_2_before_the_model(tmp_path, cli, monkeypatch, flags, words):
     monkeypatch.setattr(main, "build_model", lambda config: pytest.fail("a model was loaded"))
     argv = ["--model", "toy3d", "--generator", "nerf", "--prompt", CUBE, "--save_dir", str(tmp_path)] + flags
-    code, _, err = cli(argv, capsys)
+    code, _, err = cli(argv)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_mesh_input_errors_are_one_line_before_the_model(tmp_path, capsys, monkeypatch):
+def test_mesh_input_errors_are_one_line_before_the_model(tmp_path, cli, monkeypatch):
     monkeypatch.setattr(main, "build_model", lambda config: pytest.fail("a model was loaded"))
     cloud = tmp_path / "cloud.ply"
     import trimesh
@@ -153,7 +143,7 @@ def test_mesh_input_errors_are_one_line_before_the_model(tmp_path, capsys, monke
     for flags, words in ((["--mesh", str(tmp_path / "missing.obj")], "missing.obj"), (["--mesh", str(cloud)], "point"),
                          (["--mesh", "box", "--texture_size", "500"], "power of two"), ([], "--mesh PATH")):
         code, _, err = cli(["--model", "toy3d", "--generator", "mesh", "--prompt", "a green cube",
-                            "--save_dir", str(tmp_path / "out")] + flags, capsys)
+                            "--save_dir", str(tmp_path / "out")] + flags)
         assert code == 2 and words in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
