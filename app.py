@@ -26,18 +26,18 @@ from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest im
 interrupt_quietly(__name__)
 
 import argparse
-import html
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
+
+from app_requests import (MAX_SOURCE_PIXELS, as_number, as_prompt, as_switch, as_text, as_whole, blank,
+                          describe_error, page_error, page_message, source_image, user_error)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the app works offline
 
@@ -51,9 +51,7 @@ PREVIEW_PIXELS = 384  # a live preview's longest side (the page shows 320 px; th
 # default follows the model and the device: a toy world's step takes milliseconds, Stable Diffusion's SDS step 11-41 ms
 # on an H100 (README) but seconds on a CPU, where 500 (the course's most) is already a long run.
 MAX_STEPS = {"a toy world": 20000, "Stable Diffusion on a GPU": 5000, "Stable Diffusion on a CPU": 500}
-MAX_SOURCE_PIXELS = 4096 * 4096  # a source image's size, read from its header before anything is decoded
 MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads before they reach the app
-MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; a longer text is a mistake or an attack
 # Gradio's cache of what the page was sent (previews, results): every CACHE_SWEEP_SECONDS the files older than
 # CACHE_MAX_AGE_SECONDS are deleted, and all of it when the server stops. The runs themselves stay in --save_dir.
 CACHE_SWEEP_SECONDS, CACHE_MAX_AGE_SECONDS = 300, 1800
@@ -151,35 +149,35 @@ class Runner:
         methods = loss_types()
         if method not in methods:
             raise UserError(f"unknown method {method!r}: choose one of {', '.join(methods)}")
-        model = _text(model, "model").strip() or default_model()
+        model = as_text(model, "model").strip() or default_model()
         if self.models is not None and model not in self.models:
             raise UserError(f"model {model!r} is not offered by this server: choose one of {', '.join(self.models)}")
         limit = self.step_limit(model)
-        steps = None if _blank(steps) else _whole(steps, "steps")
+        steps = None if blank(steps) else as_whole(steps, "steps")
         if steps is not None and steps > limit:
             raise UserError(f"steps {steps} is more than this server runs ({limit} at most{self.limit_note(model)}): "
                             f"give fewer steps")
         edits = method_info(method).edits
-        if edits and _blank(edit_prompt):
+        if edits and blank(edit_prompt):
             raise UserError(f"{method.upper()} edits an image: type the edit prompt (what the edited image shows)")
-        if edits and _blank(source):
+        if edits and blank(source):
             raise UserError(f"{method.upper()} edits an image: upload a source image")
         generators, default_generator = generator_choices()
-        if not _blank(generator) and generator not in generators:
+        if not blank(generator) and generator not in generators:
             raise UserError(f"unknown generator {generator!r}: choose one of {', '.join(generators)}")
-        if generator == "mesh" and not _blank(mesh) and mesh not in APP_MESHES:
+        if generator == "mesh" and not blank(mesh) and mesh not in APP_MESHES:
             raise UserError(f"the page paints the built-in {' or '.join(APP_MESHES)} (main.py --mesh paints your "
                             f"own mesh file)")
         config = RunConfig(
-            prompt=_prompt(prompt, "prompt"), loss_type=method, model=model, step=steps,
-            seed=0 if _blank(seed) else _whole(seed, "seed"),
-            guidance_scale=None if _blank(guidance) else _number(guidance, "guidance"),
-            edit_prompt=_prompt(edit_prompt, "edit prompt") or None if edits else None,
+            prompt=as_prompt(prompt, "prompt"), loss_type=method, model=model, step=steps,
+            seed=0 if blank(seed) else as_whole(seed, "seed"),
+            guidance_scale=None if blank(guidance) else as_number(guidance, "guidance"),
+            edit_prompt=as_prompt(edit_prompt, "edit prompt") or None if edits else None,
             src_img_path=source_image(source) if edits else None, generator=generator or default_generator,
-            mesh=(mesh if not _blank(mesh) else APP_MESHES[0]) if generator == "mesh" else None,
+            mesh=(mesh if not blank(mesh) else APP_MESHES[0]) if generator == "mesh" else None,
             device=self.device, precision=self.precision, tensorboard=self.tensorboard,
             save_dir=str(save_dir or self.new_save_dir()))
-        config.log_guidance = _switch(log_guidance, "show what the guidance sees") and config.log_step > 0
+        config.log_guidance = as_switch(log_guidance, "show what the guidance sees") and config.log_step > 0
         try:
             config = config.resolved()
         except UserError as err:
@@ -295,7 +293,7 @@ class Runner:
         try:
             with self.model_lock:
                 if self.closing.is_set():
-                    raise _user_error("the server is shutting down: the run did not start")
+                    raise user_error("the server is shutting down: the run did not start")
                 model = self.get_model(args)
                 model.get_text_embeds(args.prompt)  # a prompt the model refuses fails here, before any file
                 if method_info(args.loss_type).edits:
@@ -311,138 +309,19 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------------------------- checking a request
-def _user_error(message: str):
-    from utils import UserError
-
-    return UserError(message)
-
-
-def _blank(value) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _text(value, name: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _user_error(f"the {name} must be text, not {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def _prompt(value, name: str) -> str:
-    text = _text(value, name)
-    if len(text) > MAX_PROMPT_CHARS:
-        raise _user_error(f"the {name} is {len(text)} characters long; this server takes at most {MAX_PROMPT_CHARS} "
-                          f"(CLIP reads about 77 words): shorten it")
-    return text
-
-
-def _switch(value, name: str) -> bool:
-    if value is None:
-        return True
-    if not isinstance(value, bool):
-        raise _user_error(f"'{name}' must be true or false, not {value!r:.60}")
-    return value
-
-
-EXAMPLES = {"guidance": "7.5, or leave it blank for the method's default", "steps": "200", "seed": "0"}
-
-
-def _number(value, name: str) -> float:
-    fix = f"give e.g. {EXAMPLES.get(name, '1')}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _user_error(f"{name} {value!r:.60} is not a number: {fix}")
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        raise _user_error(f"{name} {value!r:.60} is not a number: {fix}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise _user_error(f"{name} {value!r} must be a finite number: {fix}")
-    return number
-
-
-def _whole(value, name: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value  # exactly (a float would round a seed above 2^53)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)
-    number = _number(value, name)
-    if number != int(number):
-        raise _user_error(f"{name} {value} must be a whole number: give e.g. {EXAMPLES.get(name, '1')}")
-    return int(number)
-
-
-def source_image(source) -> str | None:
-    """Return the local path of the source image a request sent (a path, or Gradio's file payload {"path": ...}),
-    after checking from its header, before anything is decoded, that it is an image of at most MAX_SOURCE_PIXELS."""
-    from PIL import Image
-
-    if _blank(source):
-        return None
-    path = source.get("path") if isinstance(source, dict) else source
-    if not isinstance(path, str) or not path:
-        raise _user_error("the source image did not arrive as a file: upload a PNG or JPEG")
-    name = Path(source.get("orig_name") or path).name if isinstance(source, dict) else Path(path).name
-    limit = f"this server takes at most {MAX_SOURCE_PIXELS / 1e6:.1f} million pixels (e.g. 4096 x 4096)"
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except Image.DecompressionBombError:
-        raise _user_error(f"the source image {name} is far too large: {limit}; upload a smaller one") from None
-    except FileNotFoundError:
-        raise _user_error(f"the source image {name} is not on the server: upload it again") from None
-    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
-        raise _user_error(f"the source image {name} is not an image this app can read: upload a PNG or "
-                          f"JPEG") from None
-    if width * height > MAX_SOURCE_PIXELS:
-        raise _user_error(f"the source image {name} is {width} x {height} pixels; {limit}: upload a smaller one")
-    return path
-
-
-# The CLI's flags as the page names them (RunConfig's messages are written for main.py).
-PAGE_NAMES = {"prompt": "the prompt", "edit_prompt": "the edit prompt", "src_img_path": "the source image",
-              "loss_type": "the method", "guidance_scale": "the guidance scale", "step": "steps", "seed": "the seed",
-              "generator": "the generator", "model": "model", "save_dir": "the app's output folder"}
-
-
-def page_message(text: str) -> str:
-    """Return a message written for main.py with its flags named as the page names them (--edit_prompt -> the edit
-    prompt); a flag the page does not offer keeps its name."""
-    return re.sub(r"--([a-z0-9_]+)\b", lambda m: PAGE_NAMES.get(m.group(1), m.group(0)), text)
-
-
-def describe_error(err: BaseException) -> str:
-    """Return the one line the page shows for an error: the CLI's message for user errors, a pointer for bugs."""
-    from utils import UserError
-
-    if isinstance(err, UserError):
-        return f"error: {page_message(str(err))}"
-    traceback.print_exception(err, file=sys.stderr)
-    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-    return f"error: {err.__class__.__name__}: {first} (a bug: the traceback is in the app's log)"
-
-
-def page_error(status: str):
-    """Return the gr.Error that carries a status line's message to the page (a pop-up) and to API clients (gradio_client
-    raises it as AppError); HTML-escaped, since the pop-up renders HTML and a message may quote a prompt."""
-    import gradio as gr
-
-    return gr.Error(html.escape(status.removeprefix("error: "), quote=False), title="Error", print_exception=False)
-
-
 def compared_methods(chosen) -> list[str]:
     """Return the methods a comparison asked for, in the table's order: one to MAX_COMPARE known methods."""
     methods = loss_types()
     if isinstance(chosen, str):
         chosen = [chosen]
     if not isinstance(chosen, (list, tuple)):
-        raise _user_error(f"the methods to compare must be a list of names, not {chosen!r:.60}")
+        raise user_error(f"the methods to compare must be a list of names, not {chosen!r:.60}")
     unknown = [m for m in chosen if m not in methods]
     if unknown:
-        raise _user_error(f"unknown method(s) {', '.join(map(repr, unknown))}: choose among {', '.join(methods)}")
+        raise user_error(f"unknown method(s) {', '.join(map(repr, unknown))}: choose among {', '.join(methods)}")
     chosen = [m for m in methods if m in chosen]
     if not chosen or len(chosen) > MAX_COMPARE:
-        raise _user_error(f"choose one to {MAX_COMPARE} methods to compare (chose {len(chosen)})")
+        raise user_error(f"choose one to {MAX_COMPARE} methods to compare (chose {len(chosen)})")
     return chosen
 
 
