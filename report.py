@@ -17,25 +17,22 @@ from utils import interrupt_quietly  # first: Ctrl-C while torch and the rest im
 interrupt_quietly(__name__)
 
 import csv
-import json
 import math
 import statistics
 import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from guidance.methods import METHODS, parse_task, task_method, task_order
+from guidance.methods import METHODS, task_order
 from guidance.models import world
-from guidance.runfolder import RunFolder
-from utils import CliParser, UserError, file_write_problem, prompt_for_stem, run_cli
+from report_runs import MANIFEST, Report, Run, TaskResult, collect, is_edit_task, read_list, task_title
+from utils import CliParser, UserError, file_write_problem, run_cli
 
 # Every method of the table, in the comparison's order: the reference sampler, generation (LoRA last), edits.
 TASKS = tuple(sorted(METHODS, key=task_order))
 COMPARISON = "comparison.json"
 MAX_CHART_TASKS = 6  # the title page's bar chart beside its table; with more tasks the comparison page says it all
 THRESHOLDS = (0.26, 0.28)  # the course's grades: >= 0.28 full points, >= 0.26 half, below 0.26 none
-MANIFEST = "run_all.json"
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 MARGIN = 0.45
 FONT = 8.5  # body text size in points; nothing on a page is smaller than SMALL
@@ -43,204 +40,6 @@ SMALL = 7.0
 LINE = FONT * 1.2 / 72  # inches per line of body text
 GRID_PX, STRIP_PX = 384, 160  # longest side of the images embedded in the PDF
 STRIP_LENGTH = 6  # progress images per run
-
-
-# ----------------------------------------------------------------------------------------------- collecting
-@dataclass
-class Run:
-    """One image of the report: where its files are and what is known about it."""
-
-    task: str
-    name: str  # the course file stem
-    prompt: str  # generation prompt (PDS: the source's prompt)
-    edit_prompt: str | None
-    seed: int | None
-    folder: Path
-    config: dict | None = None
-    score: float | None = None
-
-    @property
-    def files(self) -> RunFolder:
-        """Return the run's folder (guidance/runfolder.py): its image, record, losses, progress images."""
-        return RunFolder(self.folder, self.name)
-
-    @property
-    def image(self) -> Path:
-        return self.files.image
-
-    @property
-    def run_dir(self) -> Path:
-        return self.files.dir
-
-    @property
-    def caption_prompt(self) -> str:
-        return self.edit_prompt if _edits(self.task) and self.edit_prompt else self.prompt
-
-    @property
-    def status(self) -> str:
-        """Return finished | running | diverged | interrupted | no record (a PNG without main.py's record) | missing."""
-        return self.files.status()
-
-
-@dataclass
-class TaskResult:
-    """A task's runs and scores."""
-
-    task: str
-    seeds: list
-    runs: list[Run]
-    settings: dict
-    seed_scores: dict = field(default_factory=dict)  # seed -> eval.json's mean score (None: no eval.json)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def scores(self) -> list[float]:
-        return [s for s in self.seed_scores.values() if s is not None]
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.scores) if self.scores else None
-
-    def spread(self) -> str:
-        """Return the spread of the score in words: std over seeds, or over images with one seed."""
-        if len(self.scores) > 1:
-            return f"± {statistics.stdev(self.scores):.4f} (std over {len(self.scores)} seeds)"
-        image_scores = [r.score for r in self.runs if r.score is not None]
-        if len(image_scores) > 1:
-            return f"± {statistics.stdev(image_scores):.4f} (std over {len(image_scores)} images)"
-        return "n/a"
-
-
-@dataclass
-class Report:
-    out_dir: Path
-    manifest: dict
-    tasks: list[TaskResult]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _seed_folders(task_dir: Path) -> list[tuple[int | None, Path]]:
-    seeded = sorted((int(d.name[5:]), d) for d in task_dir.glob("seed_*") if d.is_dir() and d.name[5:].isdigit())
-    return seeded or [(None, task_dir)]
-
-
-def _discover_runs(task: str, folder: Path, seed) -> list[Run]:
-    """Return the runs in a course-style folder without a manifest: every PNG and every run folder."""
-    names = {p.stem for p in folder.glob("*.png") if not p.name.startswith(".")}
-    names |= {d.name for d in folder.iterdir() if (d / "run_config.json").is_file()}
-    runs = []
-    for name in sorted(names):
-        config = RunFolder(folder, name).read_config()
-        # The name is the prompt only for ordinary prompts (prompt_to_filename makes hostile or long ones safe).
-        prompt = (config or {}).get("prompt") or prompt_for_stem(folder, name)
-        edit = (config or {}).get("edit_prompt") if _edits(task) else None
-        if _edits(task) and not edit:
-            edit = prompt_for_stem(folder, name)
-        runs.append(Run(task, name, prompt, edit, (config or {}).get("seed", seed), folder, config))
-    return runs
-
-
-def collect(out_dir: str | Path) -> Report:
-    """Return what the report shows, read from OUT/run_all.json (if any), the run folders and the eval.json files."""
-    out = Path(out_dir)
-    manifest = _read_json(out / MANIFEST) or {}
-    listed = manifest.get("tasks", {})
-    results = []
-    folders = [d.name for d in sorted(out.iterdir()) if d.is_dir()] if out.is_dir() else []
-    for task in sorted({t for t in [*listed, *folders] if _is_task(t)}, key=task_order):
-        entry = listed.get(task)
-        if entry:
-            runs = [Run(task, it["name"], it["prompt"], it.get("edit_prompt"), it.get("seed"), out / it["folder"])
-                    for it in entry.get("items", [])]
-            seeds = list(entry.get("seeds", []))
-        else:
-            runs, seeds = [], []
-            for seed, folder in _seed_folders(out / task):
-                runs += _discover_runs(task, folder, seed)
-                seeds.append(seed)
-        result = TaskResult(task, seeds, runs, dict((entry or {}).get("settings", {})))
-        for run in runs:
-            run.config = run.files.read_config()
-        if not result.settings:
-            config = next((r.config for r in runs if r.config), {})
-            result.settings = {k: config[k] for k in ("guidance_scale", "step", "lr", "negative_prompt", "precision",
-                                                       "weighting", "num_particles") if k in config}
-        _attach_scores(result, out, (entry or {}).get("eval_errors", {}))
-        missing = [r for r in runs if not r.image.is_file()]
-        if missing:
-            result.notes.append(f"{len(missing)} of {len(runs)} images missing: "
-                                + ", ".join(f"{r.name}" + (f" (seed {r.seed})" if len(seeds) > 1 else "")
-                                            for r in missing[:6]) + (" ..." if len(missing) > 6 else ""))
-        unfinished = [r for r in runs if r.image.is_file() and r.status not in ("finished", "no record")]
-        if unfinished:
-            result.notes.append(f"{len(unfinished)} image(s) are from runs that did not finish "
-                                f"({', '.join(sorted({r.status for r in unfinished}))})")
-        results.append(result)
-    return Report(out, manifest, results)
-
-
-def _attach_scores(result: TaskResult, out: Path, eval_errors: dict) -> None:
-    """Fill run scores and per-seed means from each folder's eval.json; note missing or failed evaluations."""
-    folders = {}
-    for run in result.runs:
-        folders.setdefault(run.folder, []).append(run)
-    for folder, runs in folders.items():
-        evaluation = _read_json(folder / "eval.json")
-        where = folder.relative_to(out) if folder.is_relative_to(out) else folder
-        error = eval_errors.get(str(where))
-        if evaluation is None:
-            result.seed_scores[runs[0].seed] = None
-            result.notes.append(f"no eval.json in {where}: scores unknown"
-                                + (f" (evaluation failed: {error})" if error else
-                                   f" (run `python eval.py --fdir1 {where}`)"))
-            continue
-        if error:
-            result.notes.append(f"the last evaluation of {where} failed ({error}); eval.json is older")
-        by_name = {Path(k).name: v for k, v in evaluation.items() if k not in ("source_dir", "score", "metrics")}
-        for run in runs:
-            value = by_name.get(run.image.name)
-            run.score = float(value) if isinstance(value, (int, float)) else None
-        unscored = [r.name for r in runs if r.score is None and r.image.is_file()]
-        if unscored:
-            result.notes.append(f"{len(unscored)} image(s) in {where} have no score in its eval.json ("
-                                + ", ".join(unscored[:3]) + (" ..." if len(unscored) > 3 else "")
-                                + f"): run `python eval.py --fdir1 {where}` again")
-        score = evaluation.get("score")
-        result.seed_scores[runs[0].seed] = float(score) if isinstance(score, (int, float)) else None
-
-
-def _is_task(name: str) -> bool:
-    """Return whether a folder or manifest name is a task: a method, or a method with its options (run_all.py)."""
-    try:
-        parse_task(name)
-    except ValueError:
-        return False
-    return True
-
-
-def _edits(task: str) -> bool:
-    return _is_task(task) and task_method(task).edits
-
-
-def task_title(task: str) -> str:
-    """Return a task's page title: its name, the method's title, editing or generation."""
-    method = task_method(task)
-    return f"{task.upper()}: {method.title} ({'editing' if method.edits else 'generation'})"
-
-
-def _read_list(path: Path) -> list | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, list) else None
 
 
 # ----------------------------------------------------------------------------------------------- drawing helpers
@@ -725,13 +524,13 @@ def _task_subtitle(result: TaskResult, page: int, pages: int) -> str:
 def render(report: Report) -> list:
     """Return the report's pages as matplotlib figures."""
     figures = [title_page(report)]
-    comparison = _read_list(report.out_dir / COMPARISON)
+    comparison = read_list(report.out_dir / COMPARISON)
     if comparison:
         figures.append(comparison_page(report, comparison))
         figures += list(comparison_grid_pages(report))
     for result in report.tasks:
         several = len([s for s in result.seeds if s is not None]) > 1
-        pages = pair_pages if _edits(result.task) else grid_pages
+        pages = pair_pages if is_edit_task(result.task) else grid_pages
         figures += list(pages(result, several))
         figures += list(progress_pages(result, several))
         figures += list(guidance_pages(result, several))

@@ -18,7 +18,8 @@ from guidance.config import RunConfig
 from guidance.methods import OPTION_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("main.py", "run_all.py", "app.py", "app_requests.py", "eval.py", "report.py", "bench.py", "utils.py")
+SCRIPTS = ("main.py", "run_all.py", "app.py", "app_requests.py", "eval.py", "report.py", "report_runs.py", "bench.py",
+           "utils.py")
 
 
 def guidance_modules() -> list[str]:
