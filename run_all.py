@@ -32,7 +32,7 @@ from pathlib import Path
 from guidance.config import RunConfig
 from guidance.methods import METHODS, OPTION_FLAGS, parse_task, task_method, task_order
 from guidance.models import world
-from guidance.runfolder import RunFolder, as_json
+from guidance.runfolder import RunFolder, changed_settings
 from utils import (CliParser, UserError, add_config_arguments, check_writable_dir, config_from_args, prompt_to_filename,
                    run_cli, save_json_atomic)
 
@@ -246,8 +246,8 @@ def completion(item: Item, args: RunConfig) -> tuple[bool, str]:
     if not item.image_path.is_file():
         return False, f"{item.image_path.name} is missing"
     wanted = args.to_record()
-    changed = [f"{k} {config.get(k)!r} -> {wanted[k]!r}" for k in RunConfig.result_fields()
-               if as_json(config.get(k)) != as_json(wanted[k])]
+    changed = [f"{k} {config.get(k)!r} -> {wanted[k]!r}"
+               for k in changed_settings(config, wanted, RunConfig.result_fields())]
     if changed:
         return False, "settings changed: " + ", ".join(changed)
     return True, "finished"

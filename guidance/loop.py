@@ -27,7 +27,7 @@ from guidance.common import (atomic_write_bytes, get_cosine_schedule_with_warmup
 from guidance.core import TimestepSchedule
 from guidance.generators import from_config as generator_from_config
 from guidance.methods import METHODS, StepContext
-from guidance.runfolder import RunFolder
+from guidance.runfolder import RunFolder, changed_settings
 
 LOSS_SCALE = 2000.0  # the course multiplies every loss by 2000 before backward
 WARMUP_STEPS = 100
@@ -212,8 +212,9 @@ class RunState:
         from guidance.common import UserError
 
         mine = self.config.to_record()
-        differ = [f"{k} {saved['record'].get(k)!r} (now {mine[k]!r})" for k in self.config.result_fields()
-                  if k != "step" and json_equal(saved["record"].get(k), mine[k]) is False]
+        names = [k for k in self.config.result_fields() if k != "step"]
+        differ = [f"{k} {saved['record'].get(k)!r} (now {mine[k]!r})"
+                  for k in changed_settings(saved["record"], mine, names)]
         if differ:
             raise UserError(f"--resume: the checkpoint is of another run ({', '.join(differ[:4])}): resume with its "
                             f"settings, or start afresh without --resume")
@@ -294,13 +295,6 @@ def load_checkpoint(config) -> dict:
     if not isinstance(saved, dict) or not {"generator", "record", "steps_done"} <= set(saved):
         raise UserError(f"--resume {config.resume}: not a checkpoint of a run (write one with --checkpoint_every)")
     return saved
-
-
-def json_equal(a, b) -> bool:
-    """Return whether two values are equal as run_config.json stores them (tuples as lists)."""
-    from guidance.runfolder import as_json
-
-    return as_json(a) == as_json(b)
 
 
 def initial_latents(model, config, folder: RunFolder):

@@ -221,7 +221,7 @@ class RunFolder:
             return
         if previous.get("status") != "finished":
             return  # an unfinished run (crashed, stopped, diverged) is what a new run is meant to replace
-        changed = [name for name in result_fields if as_json(previous.get(name)) != as_json(record.get(name))]
+        changed = changed_settings(previous, record, result_fields)
         if changed:
             what = ", ".join(f"{k} {previous.get(k)!r} -> {record.get(k)!r}" for k in changed[:4])
             part = filename_part(record.get(changed[0]))
@@ -242,6 +242,12 @@ def filename_part(value) -> str:
     """Return a short, plain file-name piece naming a setting's value (for suggesting another folder)."""
     text = "_".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_.")[:40] or "new"
+
+
+def changed_settings(stored: dict, wanted: dict, names) -> list[str]:
+    """Return the names whose values differ between a stored run record and a wanted one, compared as
+    run_config.json stores them (what makes a finished run stale or a checkpoint another run's)."""
+    return [name for name in names if as_json(stored.get(name)) != as_json(wanted.get(name))]
 
 
 def as_json(value):
