@@ -362,7 +362,8 @@ class RunConfig(_MethodOptions):
         return dataclasses.replace(base, **given)
 
     def check_replace(self) -> None:
-        """Raise UserError if this run would replace a finished result made with other settings (see RunFolder)."""
+        """Raise UserError if this run would replace a finished result made with other settings (see RunFolder);
+        going on from this run's own checkpoint replaces what the run wrote so far, whatever it was."""
         from guidance.runfolder import RunFolder
 
         folder = RunFolder(self.save_dir, self.name)

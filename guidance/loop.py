@@ -150,9 +150,7 @@ class RunState:
                       device=str(model.device), started=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
                       command=sys.argv)
         resume = load_checkpoint(config) if config.resume else None  # read before the folder it may be in is cleared
-        # Going on from this run's own checkpoint replaces what the run wrote so far, whatever it was.
-        resuming_here = resume is not None and Path(config.resume).resolve().parent == folder.dir.resolve()
-        folder.check_replace(record, config.result_fields(), config.overwrite or resuming_here)
+        config.check_replace()
         folder.clear()  # nothing of an earlier run stays beside this one's files
         folder.write_config(record)
         model.reset_lora()  # a reused model starts every run pristine: no LoRA left over from an earlier VSD run
