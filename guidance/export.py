@@ -39,8 +39,12 @@ def straight_alpha(rgba: torch.Tensor) -> np.ndarray:
 
 
 def write_turntable(render_rgba: Callable[[Camera], torch.Tensor], cameras: list[Camera], folder, gif_path,
-                    gif_background=(0.0, 0.0, 0.0), seconds_per_frame: float = GIF_SECONDS_PER_FRAME) -> list[Path]:
-    """Return the paths written: folder/frame_NNN.png per camera, folder/transforms.json, gif_path."""
+                    gif_background=(0.0, 0.0, 0.0), seconds_per_frame: float = GIF_SECONDS_PER_FRAME,
+                    pose: Callable[[torch.Tensor], torch.Tensor] | None = None, extra: dict | None = None) -> list[Path]:
+    """Return the paths written: folder/frame_NNN.png per camera, folder/transforms.json, gif_path.
+
+    pose, if given, maps each camera's world camera-to-world matrix to the one transforms.json records (a mesh's
+    own coordinates); extra adds keys to transforms.json."""
     folder, gif_path = Path(folder), Path(gif_path)
     if not cameras:
         raise ValueError("write_turntable needs at least one camera")
@@ -61,7 +65,11 @@ def write_turntable(render_rgba: Callable[[Camera], torch.Tensor], cameras: list
         over = (rgba[:3] + (1 - rgba[3:]) * background).clamp(0, 1)
         gif_frames.append(Image.fromarray((over.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
     height, width = size
-    save_json_atomic(transforms_json(cameras, width, height, names), folder / "transforms.json")
+    data = transforms_json(cameras, width, height, names)
+    if pose is not None:
+        for frame, camera in zip(data["frames"], cameras):
+            frame["transform_matrix"] = pose(camera.c2w()).tolist()
+    save_json_atomic({**data, **(extra or {})}, folder / "transforms.json")
     paths.append(folder / "transforms.json")
     buffer = io.BytesIO()
     gif_frames[0].save(buffer, format="GIF", save_all=True, append_images=gif_frames[1:],

@@ -58,7 +58,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from guidance.cameras import CameraRanges, transforms_json, turntable
+from guidance.cameras import CameraRanges, turntable
+from guidance.export import write_turntable
 from guidance.common import UserError, atomic_write_bytes
 from guidance.generators import DEFAULT_LR, Generator
 from guidance.raster import ViewCache, render_view
@@ -613,27 +614,12 @@ class MeshGenerator(Generator):
     def write_turntable(self, folder: Path, texture: torch.Tensor | None = None) -> list[Path]:
         """Write RGBA frames and transforms.json (poses in the exported meshes' coordinates) of the turntable cameras
         (guidance/cameras.py's) into folder, and turntable.gif beside it (where the NeRF writes its); return the paths."""
-        cameras = turntable(self.turntable_frames)
         size = max(self.render_size, 128)  # a rasteriser's frame costs little: show the texture at a useful size
-        names = [f"frame_{k:03d}.png" for k in range(len(cameras))]
-        paths, frames = [], []
-        for camera, file_name in zip(cameras, names):
-            rgba = self.render_rgba(camera, size, texture)
-            array = (rgba.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            atomic_write_bytes(folder / file_name, _png_bytes(Image.fromarray(array, "RGBA")))
-            frames.append(Image.fromarray(array[..., :3], "RGB"))  # albedo on black
-            paths.append(folder / file_name)
-        data = transforms_json(cameras, size, size, names)
-        for frame, camera in zip(data["frames"], cameras):
-            frame["transform_matrix"] = self.mesh.user_pose(camera.c2w()).tolist()
-        data["coordinates"] = ("the exported mesh's own (as in the input file); elevation and azimuth are in the "
-                               "world frame: z up, azimuth 0 looks at the front")
-        data["world_from_mesh"] = self.mesh.world_from_user.tolist()
-        atomic_write_bytes(folder / "transforms.json", (json.dumps(data, indent=2) + "\n").encode())
-        gif = io.BytesIO()
-        frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
-        atomic_write_bytes(folder.parent / "turntable.gif", gif.getvalue())
-        return paths + [folder / "transforms.json", folder.parent / "turntable.gif"]
+        coordinates = {"coordinates": "the exported mesh's own (as in the input file); elevation and azimuth are in "
+                                      "the world frame: z up, azimuth 0 looks at the front",
+                       "world_from_mesh": self.mesh.world_from_user.tolist()}
+        return write_turntable(lambda camera: self.render_rgba(camera, size, texture), turntable(self.turntable_frames),
+                               folder, folder.parent / "turntable.gif", pose=self.mesh.user_pose, extra=coordinates)
 
 
 def _png_bytes(image: Image.Image) -> bytes:
