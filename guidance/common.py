@@ -100,16 +100,24 @@ def _create_temp_file(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary file name beside {path}")
 
 
-def save_image_atomic(img, path: str | os.PathLike) -> None:
-    """Save a PIL image as PNG atomically (temp file + rename)."""
+def save_image_atomic(img, path: str | os.PathLike, compress_level: int = 6) -> None:
+    """Save a PIL image as PNG atomically (temp file + rename); compress_level 0-9 (PIL's default 6)."""
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
+    img.save(buffer, format="PNG", compress_level=compress_level)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_json_atomic(obj, path: str | os.PathLike) -> None:
     """Write obj as indented JSON atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=4, default=str) + "\n").encode())
+
+
+def save_torch_atomic(obj, path: str | os.PathLike) -> Path:
+    """Write obj with torch.save atomically; return the path."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def seed_everything(seed: int) -> torch.Generator:

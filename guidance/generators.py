@@ -35,7 +35,6 @@ forward is recomputed in backward (torch.utils.checkpoint), so that one chunk's 
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from guidance.common import UserError, atomic_write_bytes
+from guidance.common import UserError, atomic_write_bytes, save_torch_atomic
 
 GENERATORS = ("latent", "pixels", "gaussians", "vector", "nerf", "mesh")  # nerf: guidance/nerf.py; mesh: guidance/mesh.py
 IMAGE_GENERATORS = GENERATORS[:4]  # theta renders an image; nerf and mesh render 3D from the loop's cameras
@@ -399,11 +398,8 @@ class GaussianGenerator(Generator):
         """Write <save_dir>/<name>.gaussians.pt: every image's Gaussians in image units; return its path."""
         with torch.no_grad():
             state = [{k: v.detach().cpu() for k, v in self.constrained(i).items()} for i in range(self.batch)]
-        buffer = io.BytesIO()
-        torch.save({"render_size": self.render_size, "images": state}, buffer)
-        path = Path(save_dir) / f"{name}.gaussians.pt"
-        atomic_write_bytes(path, buffer.getvalue())
-        return [path]
+        return [save_torch_atomic({"render_size": self.render_size, "images": state},
+                                  Path(save_dir) / f"{name}.gaussians.pt")]
 
 
 class VectorGenerator(Generator):

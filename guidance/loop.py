@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from guidance.common import (atomic_write_bytes, get_cosine_schedule_with_warmup, load_image, pil_to_torch,
-                             save_image_atomic, seed_everything, torch_to_pil)
+                             save_image_atomic, save_torch_atomic, seed_everything, torch_to_pil)
 from guidance.core import TimestepSchedule
 from guidance.generators import from_config as generator_from_config
 from guidance.methods import METHODS, StepContext
@@ -192,18 +192,12 @@ class RunState:
     def checkpoint(self, steps_done: int, losses: list) -> Path:
         """Save theta, the optimiser, the schedule, the random streams and VSD's LoRA to <run>/<generator>.pt; return
         the path."""
-        import io
-
         state = {"generator": self.generator.checkpoint(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "steps_done": steps_done, "losses": list(losses),
                  "record": self.config.to_record(), "torch_rng": torch.get_rng_state(),
                  "camera_rng": self.sample_view.generator.get_state(), "generator_rng": self.generator.rng.get_state(),
                  "lora": self.model.lora_state()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        path = self.folder.path(f"{self.generator.name}.pt")
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return save_torch_atomic(state, self.folder.path(f"{self.generator.name}.pt"))
 
     def restore(self, saved: dict) -> None:
         """Go on from a checkpoint of this same run (UserError naming what differs otherwise)."""
@@ -465,16 +459,8 @@ class ImageWriter:
 
     def save(self, images: torch.Tensor, path: Path, compress_level: int = 6) -> None:
         """Queue the first image of a [B, 3, H, W] batch in [0, 1] to be written to path as a PNG (atomically)."""
-        import io
-
         img = torch_to_pil(images.cpu())
-
-        def write():
-            buffer = io.BytesIO()
-            img.save(buffer, format="PNG", compress_level=compress_level)
-            atomic_write_bytes(path, buffer.getvalue())
-
-        self.pending.append(self.pool.submit(write))
+        self.pending.append(self.pool.submit(save_image_atomic, img, path, compress_level))
 
     def close(self) -> None:
         """Wait for every queued image to be written (the writer can still be used after)."""

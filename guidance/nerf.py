@@ -33,7 +33,6 @@ weights default to 0 (REGULARIZERS): in the toy 3D world neither entropy (20, 10
 """
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from pathlib import Path
@@ -517,12 +516,9 @@ class NerfGenerator(Generator):
 
     def save_checkpoint(self, path) -> Path:
         """Write checkpoint() to path atomically (torch.save); return the path."""
-        from guidance.common import atomic_write_bytes
+        from guidance.common import save_torch_atomic
 
-        buffer = io.BytesIO()
-        torch.save(self.checkpoint(), buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-        return Path(path)
+        return save_torch_atomic(self.checkpoint(), path)
 
     def fit(self, target_imgs, steps=0, lr=DEFAULT_LR) -> float:
         raise UserError("the NeRF generator cannot start from a source image (PDS / DDS edits): use an image "

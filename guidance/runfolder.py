@@ -26,7 +26,7 @@ import shutil
 
 import torch
 
-from guidance.common import UserError, atomic_write_bytes, save_json_atomic
+from guidance.common import UserError, atomic_write_bytes, save_json_atomic, save_torch_atomic
 
 # File names made from prompts: at most this many UTF-8 bytes, so that "<name>.png", its temporary twin
 # (".<name>.png.XXXXXXXX.tmp") and the run folder fit the usual 255-byte limit of a file name.
@@ -181,11 +181,8 @@ class RunFolder:
 
     def save_latents(self, latents: torch.Tensor, initial: bool = False) -> Path:
         """Save latents (float32, CPU) as latents.pt, or init_latents.pt when initial; return the path."""
-        path = self.dir / ("init_latents.pt" if initial else "latents.pt")
-        buffer = io.BytesIO()
-        torch.save(latents.detach().float().cpu(), buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return save_torch_atomic(latents.detach().float().cpu(),
+                                 self.dir / ("init_latents.pt" if initial else "latents.pt"))
 
     def load_latents(self, initial: bool = False) -> torch.Tensor | None:
         """Return the saved final (or initial) latents, or None when there are none."""
