@@ -236,9 +236,8 @@ class RunFolder:
 
 
 def filename_part(value) -> str:
-    """Return a short, plain file-name piece naming a setting's value (for suggesting another folder)."""
-    text = "_".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_.")[:40] or "new"
+    """Return a plain file-name piece naming a setting's value (for suggesting another folder)."""
+    return prompt_to_filename("_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
 def changed_settings(stored: dict, wanted: dict, names) -> list[str]:
